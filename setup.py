@@ -1,0 +1,37 @@
+"""Packaging for vac. Runtime dependencies are those of the product card plus aiohttp
+(the metadata/MJF HTTP services need a real asyncio HTTP server with bounded bodies,
+timeouts and keep-alive; hand-writing one would be less safe)."""
+
+from setuptools import find_packages, setup
+
+from vac import __version__
+
+setup(
+    name="vac",
+    version=__version__,
+    description="Vac: a VM factory daemon for grid computing sites (vacuum model)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="BSD-2-Clause",
+    python_requires=">=3.9",
+    packages=find_packages(include=["vac", "vac.*"]),
+    include_package_data=True,
+    install_requires=[
+        "libvirt-python",
+        "requests",
+        "pyOpenSSL",
+        "python-daemon",
+        "aiohttp",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vac = vac.cli:main",
+            "vacd = vac.daemon:main",
+            "check-vacd = vac.check:main",
+        ]
+    },
+)
