@@ -154,3 +154,35 @@ def is_abort(message: Optional[str]) -> bool:
     """Classic rule (REFERENCE.md §5): any code >= 300 is an abort that triggers backoff."""
     code = shutdown_code(message)
     return code is not None and code >= 300
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    """The most recent finished machine of a machinetype on one factory (drives backoff)."""
+
+    machinetype: str
+    machine_name: str
+    shutdown_message: Optional[str]
+    finished_time: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MachinetypeReport:
+    """One factory's report on one machinetype: VacQuery ``machinetype_status`` in typed form.
+
+    Produced locally for this factory (scheduler) and decoded from peers (vacquery); consumed by
+    the planner and encoded by the responder.
+    """
+
+    factory: str
+    machinetype: str
+    running_hs06: float = 0.0
+    running_machines: int = 0
+    running_processors: int = 0
+    num_before_fizzle: int = 0
+    shutdown_message: Optional[str] = None
+    shutdown_time: Optional[float] = None
+    shutdown_machine: Optional[str] = None
+    fqan: Optional[str] = None
+    max_wallclock_seconds: Optional[int] = None
+    max_processors: Optional[int] = None
