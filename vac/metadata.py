@@ -1,0 +1,721 @@
+"""The metadata service (169.254.169.254) and the Machine/Job Features service (169.254.169.253).
+
+Both are aiohttp servers on vacd's event loop. A request is attributed to a machine by its TCP
+source address only (``slot_for_address``, by default the slot plan's ``model.slot_for_ip``,
+then the daemon's ``resolve(slot)``); headers such as ``X-Forwarded-For`` are never read
+(STANDARDS.md §E3, OSSN-0074). Anything that cannot be attributed gets 404 (GET) or 403 (writes).
+
+Metadata service, GET/HEAD only (``V`` = ``latest``, ``1.0`` or a ``YYYY-MM-DD`` date):
+
+* EC2: ``/V`` (listing), ``/V/user-data``, ``/V/meta-data[/]`` (listing), ``.../ami-id``,
+  ``instance-id``, ``hostname``, ``local-hostname``, ``local-ipv4``,
+  ``placement/availability-zone``, ``public-keys/`` (``0=root``), ``public-keys/0/openssh-key``;
+  the classic ``/V/meta-data.json``.
+* OpenStack, as cloud-init reads it: ``/openstack`` (version list), ``/openstack/V`` (listing),
+  ``meta_data.json``, ``user_data``, ``vendor_data.json``, ``vendor_data2.json`` (empty
+  objects), ``network_data.json`` (DHCP on the slot's MAC), and the classic hyphenated names
+  ``meta-data.json``, ``user-data`` and ``meta-data/...`` under ``/openstack/V``.
+
+MJF service:
+
+* GET/HEAD ``/machinefeatures[/]``, ``/jobfeatures[/]``: the classic HTML list of keys;
+  ``/machinefeatures/KEY``, ``/jobfeatures/KEY``: the value, 404 if absent. ``/joboutputs``: 403.
+* PUT ``/joboutputs/NAME`` stores the body atomically; 201 on success. NAME must match
+  ``JOBOUTPUT_NAME``; a Content-Length is required (411), bodies are capped per file and per
+  machine (413), as is the number of files (403). Extension: POST is accepted with the same
+  rules, because busybox ``wget --post-data`` cannot PUT.
+
+The pure helpers ``mjf_features``, ``write_mjf`` and ``lower_deadline_files`` produce and update
+the MJF files the service reads (REFERENCE.md §4.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from aiohttp import web
+
+from vac.config import Machinetype, Settings
+from vac.model import Machine, slot_for_ip
+from vac.store import atomic_write
+
+log = logging.getLogger(__name__)
+# aiohttp's own protocol errors (malformed requests) go here, rate-limited like request lines.
+http_log = logging.getLogger(__name__ + ".http")
+
+MJF_DIRECTORIES = ("machinefeatures", "jobfeatures")
+MJF_KEY = re.compile(r"[A-Za-z0-9_]{1,64}\Z")  # B4: [a-z0-9_], plus the legacy mixed-case keys
+# Joboutput names: E3 allow-list. A leading "." is refused too, so VM files can never collide
+# with the hidden temporary files of atomic writes (and a leading "-" cannot look like an option).
+JOBOUTPUT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+VERSION = re.compile(r"(latest|1\.0|[0-9]{4}-[0-9]{2}-[0-9]{2})\Z")
+# Versions cloud-init and Nova know; cloud-init picks the newest it recognises from this list.
+OPENSTACK_VERSIONS = ("2012-08-10", "2013-04-04", "2013-10-17", "2015-10-15", "2016-06-30",
+                      "2016-10-06", "2017-02-22", "2018-08-27", "latest")
+EC2_KEY_NAME = "root"  # the name shown for key 0 in the EC2 public-keys/ listing
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # user_data and MJF values larger than this are a bug
+LINGER_SECONDS = 2.0  # after an early refusal, discard what the client still sends this long
+
+Resolver = Callable[[int], Optional["MachineContext"]]
+SlotForAddress = Callable[[str], Optional[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineContext:
+    """The machine currently in a slot and its directory (``<state_dir>/machines/<dir name>``)."""
+
+    machine: Machine
+    directory: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Resource limits of the two services."""
+
+    joboutput_file_bytes: int = 1024 * 1024
+    joboutputs_total_bytes: int = 10 * 1024 * 1024  # per machine, all files together
+    joboutputs_max_files: int = 100  # per machine
+    uploads_in_flight_bytes: int = 64 * 1024 * 1024  # all machines: bounds buffered bodies
+    body_timeout_seconds: float = 30.0  # whole body of one PUT
+    idle_timeout_seconds: float = 15.0  # connection without a complete request (slowloris)
+    log_burst: int = 30  # request log lines per source before rate limiting starts
+    log_per_second: float = 1.0
+
+
+DEFAULT_LIMITS = Limits()
+
+# ---------------------------------------------------------------------------------------------
+# MJF files (REFERENCE.md §4.1)
+
+
+def _decimal(value: float) -> str:
+    return str(round(float(value), 3))
+
+
+def mjf_features(machine: Machine, settings: Settings, machinetype: Machinetype,
+                 now: float) -> tuple[dict[str, str], dict[str, str]]:
+    """(machinefeatures, jobfeatures): key -> exact file content for a machine created at ``now``.
+
+    ``machinefeatures_option_XXX`` values are written verbatim and may replace a standard key.
+    """
+    if machinetype.name != machine.machinetype:
+        raise ValueError(f"machinetype {machinetype.name!r} given for a machine of type "
+                         f"{machine.machinetype!r}")
+    processors = machine.processors
+    shutdown = int(machine.deadline)
+    start = int(now)
+    wall_seconds = max(0, shutdown - start)
+    rss_bytes = settings.mb_per_processor * processors * 1048576
+
+    machinefeatures = {
+        "total_cpu": str(processors),
+        "phys_cores": str(processors),
+        "log_cores": str(processors),
+        "jobslots": str(processors),
+        "shutdowntime": str(shutdown),
+    }
+    jobfeatures = {
+        "shutdowntime_job": str(shutdown),
+        "cpufactor_lrms": "1.0",
+        "cpu_limit_secs_lrms": str(wall_seconds * processors),
+        "cpu_limit_secs": str(wall_seconds * processors),
+        "wall_limit_secs_lrms": str(wall_seconds),
+        "wall_limit_secs": str(wall_seconds),
+        "jobstart_secs": str(start),
+        "max_rss_bytes": str(rss_bytes),
+        "mem_limit_MB": str(rss_bytes // 1000000),
+        "allocated_cpu": f"{processors}\n",
+        "allocated_CPU": f"{processors}\n",
+        "job_id": machine.uuid,
+    }
+    if settings.hs06_per_processor is not None:
+        machinefeatures["hs06"] = _decimal(settings.hs06_per_processor * processors)
+        jobfeatures["hs06_job"] = _decimal(settings.hs06_per_processor * processors)
+    for key, value in settings.machinefeatures_options:
+        if not MJF_KEY.match(key):
+            raise ValueError(f"machinefeatures_option_{key}: not a valid MJF key name")
+        machinefeatures[key] = value
+    return machinefeatures, jobfeatures
+
+
+def write_mjf(directory: Union[str, Path], machinefeatures: dict[str, str],
+              jobfeatures: dict[str, str]) -> None:
+    """Write every key atomically (temp + fsync + rename) as 0644 files under ``directory``."""
+    for subdirectory, features in (("machinefeatures", machinefeatures),
+                                   ("jobfeatures", jobfeatures)):
+        target = Path(directory) / subdirectory
+        target.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for key, value in features.items():
+            if not MJF_KEY.match(key):
+                raise ValueError(f"{subdirectory}: not a valid MJF key name: {key!r}")
+            atomic_write(target / key, value, 0o644)
+
+
+def lower_deadline_files(directory: Union[str, Path], deadline: float) -> bool:
+    """Lower ``shutdowntime`` and ``shutdowntime_job`` to ``deadline`` (never raise them).
+
+    A missing or unreadable value is rewritten. Returns True if any file changed.
+    """
+    new = int(deadline)
+    changed = False
+    for relative in ("machinefeatures/shutdowntime", "jobfeatures/shutdowntime_job"):
+        path = Path(directory) / relative
+        try:
+            current: Optional[int] = int(path.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            current = None
+        if current is None or new < current:
+            atomic_write(path, str(new), 0o644)
+            changed = True
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# Request paths
+
+
+class BadPath(ValueError):
+    """A request path that could name something outside the served tree."""
+
+
+def path_segments(raw_path: str) -> list[str]:
+    """The percent-decoded, non-empty segments of a raw request path.
+
+    ``//`` folds and a trailing ``/`` vanishes. Dot segments, separators or control characters
+    inside a segment (even percent-encoded) and invalid UTF-8 raise ``BadPath``, so a segment is
+    always a plain file name.
+    """
+    if not raw_path.startswith("/"):
+        raise BadPath(f"path does not start with '/': {raw_path[:80]!r}")
+    segments = []
+    for raw in raw_path.split("/"):
+        if not raw:
+            continue
+        try:
+            segment = urllib.parse.unquote(raw, errors="strict")
+        except UnicodeDecodeError as error:
+            raise BadPath(f"invalid UTF-8 in {raw[:80]!r}") from error
+        if segment in (".", "..") or any(
+                char in "/\\" or not char.isprintable() for char in segment):
+            raise BadPath(f"forbidden path segment {raw[:80]!r}")
+        segments.append(segment)
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------
+# Rate-limited logging
+
+
+class LogLimiter:
+    """Token bucket per source: ``burst`` lines at once, then ``per_second`` on average."""
+
+    def __init__(self, burst: int, per_second: float,
+                 clock: Callable[[], float] = time.monotonic, max_sources: int = 4096):
+        self.burst = burst
+        self.per_second = per_second
+        self.clock = clock
+        self.max_sources = max_sources
+        self._buckets: dict[str, list[float]] = {}  # source -> [tokens, last time, dropped]
+
+    def admit(self, source: str) -> Optional[int]:
+        """None if this line is to be dropped, else how many were dropped since the last one."""
+        now = self.clock()
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= self.max_sources:
+                del self._buckets[next(iter(self._buckets))]  # forget the oldest source
+            bucket = self._buckets[source] = [float(self.burst), now, 0]
+        bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.per_second)
+        bucket[1] = now
+        if bucket[0] < 1.0:
+            bucket[2] += 1
+            return None
+        bucket[0] -= 1.0
+        dropped, bucket[2] = int(bucket[2]), 0
+        return dropped
+
+
+class _RateLimitFilter(logging.Filter):
+    def __init__(self, limiter: LogLimiter):
+        super().__init__()
+        self.limiter = limiter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.limiter.admit("aiohttp") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+def _read(path: Path) -> Optional[bytes]:
+    """Contents of a regular file, or None if it is absent. Symbolic links are not followed."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(descriptor, "rb") as handle:
+        data = handle.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise OSError(f"{path} is larger than {MAX_DOCUMENT_BYTES} bytes")
+    return data
+
+
+def _public_key(context: MachineContext) -> Optional[str]:
+    data = _read(context.directory / "root_public_key")
+    return data.decode("utf-8", "replace").strip() if data else None
+
+
+def openstack_meta_data(context: MachineContext, settings: Settings, mjf_url: str) -> dict:
+    """``meta_data.json``: what cloud-init's OpenStack reader and the pilots (A7) use."""
+    machine = context.machine
+    document = {
+        "uuid": machine.uuid,
+        "name": machine.name,
+        "hostname": machine.name,
+        "availability_zone": settings.factory_name,
+        "launch_index": 0,
+        "meta": {
+            "machinefeatures": f"{mjf_url}/machinefeatures",
+            "jobfeatures": f"{mjf_url}/jobfeatures",
+            "joboutputs": f"{mjf_url}/joboutputs",
+            "machinetype": machine.machinetype,
+        },
+    }
+    key = _public_key(context)
+    if key:
+        document["public_keys"] = {"0": key}
+    return document
+
+
+def network_data(machine: Machine) -> dict:
+    """``network_data.json``: DHCP on the slot's NIC.
+
+    An empty document would make cloud-init render a network configuration without any
+    interface; describing the real (DHCP) set-up is both valid and harmless.
+    """
+    return {
+        "links": [{"id": "vac0", "type": "phy", "ethernet_mac_address": machine.mac}],
+        "networks": [{"id": "network0", "type": "ipv4_dhcp", "link": "vac0",
+                      "network_id": "vac"}],
+        "services": [],
+    }
+
+
+def ec2_meta_data(context: MachineContext, settings: Settings) -> dict:
+    """The EC2 ``meta-data/`` tree: dicts are directories, strings are values."""
+    machine = context.machine
+    tree: dict = {
+        "ami-id": machine.uuid,
+        "hostname": machine.name,
+        "instance-id": machine.uuid,
+        "local-hostname": machine.name,
+        "local-ipv4": machine.ip,
+        "placement": {"availability-zone": settings.factory_name},
+    }
+    key = _public_key(context)
+    if key:
+        tree["public-keys"] = {"0": {"openssh-key": key + "\n"}}
+    return tree
+
+
+def _ec2_listing(path: list[str], directory: dict) -> str:
+    if path == ["public-keys"]:  # EC2 lists keys as INDEX=NAME; cloud-init depends on it
+        return "\n".join(f"{index}={EC2_KEY_NAME}" for index in directory)
+    return "\n".join(name + "/" if isinstance(value, dict) else name
+                     for name, value in sorted(directory.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Services
+
+def _text(text: str, content_type: str = "text/plain") -> web.Response:
+    return web.Response(text=text, content_type=content_type,
+                        headers={"Cache-Control": "no-cache"})
+
+
+def _bytes(body: bytes, content_type: str) -> web.Response:
+    return web.Response(body=body, content_type=content_type,
+                        headers={"Cache-Control": "no-cache"})
+
+
+def _status(status: int, reason: str) -> web.Response:
+    return web.Response(status=status, text=f"{status} {reason}\n")
+
+
+def _json(document: dict) -> web.Response:
+    return _text(json.dumps(document, indent=1, sort_keys=True), "application/json")
+
+
+class _Service:
+    """What both services share: attribution of a request to a machine and the request log."""
+
+    name = ""
+
+    def __init__(self, resolve: Resolver, slot_for_address: SlotForAddress, limits: Limits):
+        self.resolve = resolve
+        self.slot_for_address = slot_for_address
+        self.limits = limits
+        self.log_limiter = LogLimiter(limits.log_burst, limits.log_per_second)
+
+    def application(self) -> web.Application:
+        app = web.Application()
+        # One catch-all route: paths are parsed from the raw path here, never by the router.
+        app.router.add_route("*", r"/{path:[\s\S]*}", self._entry, expect_handler=_no_expect)
+        return app
+
+    def _identify(self, request: web.Request) -> tuple[str, Optional[MachineContext]]:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        address = peer[0] if peer else "?"
+        slot = self.slot_for_address(address)
+        context = self.resolve(slot) if slot is not None else None
+        if context is not None and context.machine.slot != slot:
+            log.error("%s: resolver returned %s (slot %d) for slot %d; refusing %s", self.name,
+                      context.machine.name, context.machine.slot, slot, address)
+            context = None
+        return (context.machine.name if context else f"unknown({address})"), context
+
+    async def _entry(self, request: web.Request) -> web.StreamResponse:
+        who, context = self._identify(request)
+        status = 500
+        try:
+            response = await self.handle(request, context)
+            status = response.status
+            return response
+        finally:
+            dropped = self.log_limiter.admit(who)
+            if dropped is not None:
+                note = f" ({dropped} lines from {who} suppressed)" if dropped else ""
+                log.info("%s %s %s %s %d%s", self.name, who, request.method,
+                         repr(request.raw_path[:200])[1:-1], status, note)
+
+    async def handle(self, request: web.Request, context: Optional[MachineContext]
+                     ) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+async def _no_expect(request: web.Request) -> None:
+    """Leave ``Expect: 100-continue`` to the handler, which answers it only after its checks."""
+
+
+class MetadataService(_Service):
+    name = "metadata"
+
+    def __init__(self, settings: Settings, resolve: Resolver, mjf_url: str,
+                 slot_for_address: SlotForAddress, limits: Limits):
+        super().__init__(resolve, slot_for_address, limits)
+        self.settings = settings
+        self.mjf_url = mjf_url.rstrip("/")
+
+    async def handle(self, request: web.Request, context: Optional[MachineContext]
+                     ) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="405 only GET and HEAD\n",
+                                headers={"Allow": "GET, HEAD"})
+        if context is None:
+            return _status(404, "no machine at this source address")
+        try:
+            segments = path_segments(request.rel_url.raw_path)
+        except BadPath as error:
+            return _status(404, str(error))
+        if segments[:1] == ["openstack"]:
+            return self._openstack(context, segments[1:])
+        return self._ec2(context, segments)
+
+    def _openstack(self, context: MachineContext, segments: list[str]) -> web.Response:
+        if not segments:
+            return _text("\n".join(OPENSTACK_VERSIONS))
+        if not VERSION.match(segments[0]):
+            return _status(404, "unknown OpenStack metadata version")
+        rest = segments[1:]
+        if not rest:
+            names = ["meta_data.json", "network_data.json", "vendor_data.json",
+                     "vendor_data2.json"]
+            if (context.directory / "user_data").exists():
+                names.append("user_data")
+            return _text("\n".join(sorted(names)))
+        if rest[0] == "meta-data":  # classic: the EC2 tree under /openstack/V/ as well
+            return self._ec2_tree(context, rest[1:])
+        if len(rest) != 1:
+            return _status(404, "not found")
+        name = rest[0]
+        if name in ("meta_data.json", "meta-data.json"):
+            return _json(openstack_meta_data(context, self.settings, self.mjf_url))
+        if name in ("user_data", "user-data"):
+            return self._user_data(context)
+        if name in ("vendor_data.json", "vendor_data2.json"):
+            return _json({})
+        if name == "network_data.json":
+            return _json(network_data(context.machine))
+        return _status(404, "not found")
+
+    def _ec2(self, context: MachineContext, segments: list[str]) -> web.Response:
+        if not segments or not VERSION.match(segments[0]):
+            return _status(404, "not found")
+        rest = segments[1:]
+        if not rest:
+            return _text("meta-data\nuser-data")
+        if rest == ["user-data"]:
+            return self._user_data(context)
+        if rest == ["meta-data.json"]:  # classic Vac: the OpenStack document at EC2 paths
+            return _json(openstack_meta_data(context, self.settings, self.mjf_url))
+        if rest[0] == "meta-data":
+            return self._ec2_tree(context, rest[1:])
+        return _status(404, "not found")
+
+    def _ec2_tree(self, context: MachineContext, path: list[str]) -> web.Response:
+        node: Union[dict, str] = ec2_meta_data(context, self.settings)
+        for segment in path:
+            if not isinstance(node, dict) or segment not in node:
+                return _status(404, "no such metadata item")
+            node = node[segment]
+        return _text(_ec2_listing(path, node) if isinstance(node, dict) else node)
+
+    def _user_data(self, context: MachineContext) -> web.Response:
+        data = _read(context.directory / "user_data")
+        if data is None:
+            return _status(404, "this machine has no user_data")
+        return _bytes(data, "application/octet-stream")
+
+
+class MjfService(_Service):
+    name = "mjf"
+
+    def __init__(self, resolve: Resolver, slot_for_address: SlotForAddress, limits: Limits):
+        super().__init__(resolve, slot_for_address, limits)
+        # Bytes and files of uploads being received, per joboutputs directory and in total,
+        # so that concurrent PUTs cannot together exceed the caps.
+        self._pending: dict[Path, list[int]] = {}
+        self._pending_bytes = 0
+
+    async def handle(self, request: web.Request, context: Optional[MachineContext]
+                     ) -> web.StreamResponse:
+        if request.method in ("PUT", "POST"):
+            return await self._put(request, context)
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="405 only GET, HEAD, PUT and POST\n",
+                                headers={"Allow": "GET, HEAD, PUT, POST"})
+        if context is None:
+            return _status(404, "no machine at this source address")
+        try:
+            segments = path_segments(request.rel_url.raw_path)
+        except BadPath as error:
+            return _status(404, str(error))
+        if segments[:1] == ["joboutputs"]:
+            return _status(403, "joboutputs are write-only")
+        if not segments or segments[0] not in MJF_DIRECTORIES or len(segments) > 2:
+            return _status(404, "not found")
+        directory = context.directory / segments[0]
+        if len(segments) == 1:
+            return _text(_mjf_listing(directory), "text/html")
+        if not MJF_KEY.match(segments[1]):
+            return _status(404, "not a valid MJF key name")
+        data = _read(directory / segments[1])
+        if data is None:
+            return _status(404, f"no {segments[0]} key {segments[1]}")
+        return _bytes(data, "text/plain")
+
+    def _refusal(self, request: web.Request, context: Optional[MachineContext]
+                 ) -> Union[web.Response, tuple[Path, str, int]]:
+        """An error response, or (joboutputs directory, name, length) of an acceptable PUT."""
+        if context is None:
+            return _status(403, "no machine at this source address")
+        try:
+            segments = path_segments(request.rel_url.raw_path)
+        except BadPath as error:
+            return _status(403, str(error))
+        if len(segments) != 2 or segments[0] != "joboutputs":
+            return _status(403, "only joboutputs/NAME can be written")
+        name = segments[1]
+        if not JOBOUTPUT_NAME.match(name):
+            return _status(403, f"joboutput name not allowed (must match {JOBOUTPUT_NAME.pattern})")
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            return _status(417, "only Expect: 100-continue is supported")
+        length = request.content_length
+        if length is None:
+            return _status(411, "a Content-Length is required")
+        limits = self.limits
+        if length > limits.joboutput_file_bytes:
+            return _status(413, f"joboutput larger than {limits.joboutput_file_bytes} bytes")
+        directory = context.directory / "joboutputs"
+        try:
+            directory.mkdir(mode=0o755, exist_ok=True)
+            used_bytes, used_files = _usage(directory, excluding=name)
+        except OSError as error:
+            log.error("mjf: cannot use %s: %s", directory, error)
+            return _status(500, "joboutputs directory unusable")
+        pending_bytes, pending_files = self._pending.get(directory, (0, 0))
+        if used_bytes + pending_bytes + length > limits.joboutputs_total_bytes:
+            return _status(413, f"joboutputs of this machine would exceed "
+                               f"{limits.joboutputs_total_bytes} bytes")
+        if used_files + pending_files >= limits.joboutputs_max_files:
+            return _status(403, f"this machine already has {limits.joboutputs_max_files} "
+                               f"joboutputs")
+        if self._pending_bytes + length > limits.uploads_in_flight_bytes:
+            return web.Response(status=503, text="503 too many uploads at once\n",
+                                headers={"Retry-After": "5"})
+        return directory, name, length
+
+    async def _put(self, request: web.Request, context: Optional[MachineContext]
+                   ) -> web.Response:
+        verdict = self._refusal(request, context)
+        if isinstance(verdict, web.Response):
+            return verdict
+        directory, name, length = verdict
+        pending = self._pending.setdefault(directory, [0, 0])
+        pending[0] += length
+        pending[1] += 1
+        self._pending_bytes += length
+        try:
+            if request.headers.get("Expect"):
+                # As aiohttp's default expect handler does, but only once the checks passed.
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0
+            body = await self._read_body(request, length)
+            if body is None:
+                return _status(408, f"body not received within "
+                                   f"{self.limits.body_timeout_seconds:g} seconds")
+            if len(body) != length:
+                return _status(400, f"body has {len(body)} bytes, Content-Length says {length}")
+            # fsync can take a while on a busy disk: off the loop, and finished even if the
+            # client goes away meanwhile (the body is complete by then).
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                None, atomic_write, directory / name, bytes(body), 0o644))
+        finally:
+            pending[0] -= length
+            pending[1] -= 1
+            self._pending_bytes -= length
+            if pending == [0, 0]:
+                self._pending.pop(directory, None)
+        return _status(201, "Created")
+
+    async def _read_body(self, request: web.Request, length: int) -> Optional[bytearray]:
+        """The body (at most ``length`` bytes), or None if it is not complete in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_seconds
+        body = bytearray()
+        while len(body) < length:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            try:
+                chunk = await asyncio.wait_for(request.content.read(length - len(body)),
+                                               remaining)
+            except asyncio.TimeoutError:
+                return None
+            if not chunk:
+                break
+            body += chunk
+        return body
+
+
+def _mjf_listing(directory: Path) -> str:
+    try:
+        keys = sorted(entry.name for entry in os.scandir(directory)
+                      if MJF_KEY.match(entry.name) and entry.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        keys = []
+    items = "".join(f'<li><a href="{key}">{key}</a></li>' for key in keys)
+    return f"<html><body><ul>{items}</ul></body></html>"
+
+
+def _usage(directory: Path, excluding: str) -> tuple[int, int]:
+    """Bytes and number of files in ``directory``, not counting ``excluding`` (being replaced)."""
+    total = files = 0
+    for entry in os.scandir(directory):
+        if entry.name != excluding and entry.is_file(follow_symlinks=False):
+            total += entry.stat(follow_symlinks=False).st_size
+            files += 1
+    return total, files
+
+
+def metadata_app(settings: Settings, resolve: Resolver, *, mjf_url: str,
+                 slot_for_address: SlotForAddress = slot_for_ip,
+                 limits: Limits = DEFAULT_LIMITS) -> web.Application:
+    """The metadata service as an aiohttp application; ``mjf_url`` goes into ``meta``."""
+    return MetadataService(settings, resolve, mjf_url, slot_for_address, limits).application()
+
+
+def mjf_app(resolve: Resolver, *, slot_for_address: SlotForAddress = slot_for_ip,
+            limits: Limits = DEFAULT_LIMITS) -> web.Application:
+    """The MJF service as an aiohttp application."""
+    return MjfService(resolve, slot_for_address, limits).application()
+
+
+def base_url(address: str, port: int) -> str:
+    """``http://address[:port]`` as a VM would write it (no port for 80)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
+
+
+@dataclasses.dataclass
+class Services:
+    """The two running services; ``close()`` stops them and their connections."""
+
+    metadata_url: str
+    mjf_url: str
+    runners: list
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+        self.runners = []
+
+
+async def _serve(app: web.Application, address: str, port: int, limits: Limits
+                 ) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=limits.idle_timeout_seconds,
+                           lingering_time=LINGER_SECONDS, handler_cancellation=True,
+                           logger=http_log)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address, port, backlog=256, reuse_address=True).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def start_services(settings: Settings, resolve: Resolver, *,
+                         metadata_address: Optional[str] = None,
+                         mjf_address: Optional[str] = None, port: Optional[int] = None,
+                         slot_for_address: SlotForAddress = slot_for_ip,
+                         limits: Limits = DEFAULT_LIMITS) -> Services:
+    """Bind and start both services (defaults: the settings' addresses and ``http_port``).
+
+    Raises OSError if an address cannot be bound (e.g. not yet configured on the bridge); the
+    caller retries. Port 0 picks free ports, and the metadata ``meta`` URLs follow the MJF one.
+    """
+    metadata_address = metadata_address or settings.metadata_address
+    mjf_address = mjf_address or settings.mjf_address
+    port = settings.http_port if port is None else port
+    if metadata_address == mjf_address:
+        raise ValueError(f"metadata and MJF services need different addresses, both are "
+                         f"{metadata_address}")
+    limiter = LogLimiter(limits.log_burst, limits.log_per_second)
+    if not any(isinstance(existing, _RateLimitFilter) for existing in http_log.filters):
+        http_log.addFilter(_RateLimitFilter(limiter))
+    mjf_runner = await _serve(mjf_app(resolve, slot_for_address=slot_for_address,
+                                      limits=limits), mjf_address, port, limits)
+    mjf_url = base_url(mjf_address, mjf_runner.addresses[0][1])
+    try:
+        metadata_runner = await _serve(
+            metadata_app(settings, resolve, mjf_url=mjf_url, slot_for_address=slot_for_address,
+                         limits=limits), metadata_address, port, limits)
+    except BaseException:
+        await mjf_runner.cleanup()
+        raise
+    metadata_url = base_url(metadata_address, metadata_runner.addresses[0][1])
+    log.info("metadata service on %s, MJF service on %s", metadata_url, mjf_url)
+    return Services(metadata_url, mjf_url, [metadata_runner, mjf_runner])
