@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from vac import __version__
-from vac.config import DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF
+from vac.config import DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF, DEFAULT_RUN_CONFS
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +79,91 @@ def register_x509_commands(commands: argparse._SubParsersAction) -> None:
     signature.set_defaults(func=cmd_cernvm_signature)
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Stop creating machines (optionally with a deadline for the running ones) via the run-time file."""
+    import time
+
+    from vac import ops
+
+    path = args.run_conf or DEFAULT_RUN_CONFS[0]
+    try:
+        until = ops.parse_time(args.until, time.time()) if args.until else None
+        ops.set_draining(path, until)
+    except ops.OpsError as error:
+        print(f"vac drain: {error}", file=sys.stderr)
+        return 1
+    print(f"Draining: no new machines will be created ({path}).")
+    if until is not None:
+        print(f"Running machines must finish by {ops.describe_time(until)} (shutdown_time = {until}).")
+    print("vacd applies this at its next cycle, or at once after 'systemctl reload vacd'.")
+    return 0
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    """Remove draining and shutdown_time from the run-time file(s)."""
+    from vac import ops
+
+    paths = [args.run_conf] if args.run_conf else ops.unique_paths(DEFAULT_RUN_CONFS)
+    try:
+        changed = [path for path in paths if ops.clear_draining(path)]
+    except ops.OpsError as error:
+        print(f"vac undrain: {error}", file=sys.stderr)
+        return 1
+    if changed:
+        print(f"No longer draining ({', '.join(changed)}); vacd applies this at its next cycle.")
+    else:
+        print(f"Not drained by a run-time file ({', '.join(paths)}); nothing to do.")
+    return 0
+
+
+def cmd_squid_conf(args: argparse.Namespace) -> int:
+    """Write OUT from the template IN plus the space's factories; only if it changes.
+
+    Exit status: 0 written or unchanged, 1 template, configuration or factory address unusable
+    (OUT left alone), 2 OUT cannot be written.
+    """
+    from vac import config as configmod
+    from vac import ops
+
+    try:
+        with open(args.template, encoding="utf-8") as template_file:
+            template = template_file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"vac squid-conf: cannot read {args.template}: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        return 1
+    config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
+    if config is None:
+        for problem in problems:
+            print(f"vac squid-conf: {problem}", file=sys.stderr)
+        return 1
+    try:
+        factories = [(factory.name, ops.resolve_factory(factory)) for factory in config.settings.factories]
+    except ops.OpsError as error:
+        print(f"vac squid-conf: {error}; {args.output} left unchanged", file=sys.stderr)
+        return 1
+    try:
+        ops.write_if_changed(args.output, ops.squid_conf(template, factories, config.settings.factory_name))
+    except OSError as error:
+        print(f"vac squid-conf: cannot write {args.output}: {error.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register_ops_commands(commands: argparse._SubParsersAction) -> None:
+    drain = commands.add_parser("drain", help="stop creating machines on this factory (run-time setting)")
+    drain.add_argument("--until", metavar="TIME",
+                       help="also make running machines finish by TIME (Unix seconds, +N[smhd] or ISO 8601)")
+    drain.set_defaults(func=cmd_drain)
+
+    undrain = commands.add_parser("undrain", help="undo vac drain")
+    undrain.set_defaults(func=cmd_undrain)
+
+    squid = commands.add_parser("squid-conf", help="write a Squid configuration for this space's factories")
+    squid.add_argument("template", help="template, e.g. /etc/squid/squid.conf.vac")
+    squid.add_argument("output", help="configuration to write, e.g. /etc/squid/squid.conf")
+    squid.set_defaults(func=cmd_squid_conf)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vac", description="Vac VM factory: status, configuration and tools.")
     parser.add_argument("--version", action="version", version=f"vac {__version__}")
@@ -87,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     # Subcommands are registered below, one block per area.
     register_x509_commands(commands)
+    register_ops_commands(commands)
     return parser
 
 
