@@ -148,7 +148,7 @@ class HttpFetcher:
 @dataclasses.dataclass(frozen=True)
 class PipeDocument:
     cache_seconds: float
-    entries: tuple  # raw JSON values, each checked by _entry_options
+    entries: tuple  # raw JSON values, each checked by _pipe_machinetypes
 
 
 def _json_type(value: Any) -> str:
