@@ -52,7 +52,7 @@ def cmd_cernvm_signature(args: argparse.Namespace) -> int:
 
     from vac import x509
 
-    result = x509.read_cernvm_signature(args.image, args.ca_dir)
+    result = x509.read_cernvm_signature(args.image, args.ca_dir or x509.DEFAULT_CA_DIR)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
@@ -72,9 +72,7 @@ def register_x509_commands(commands: argparse._SubParsersAction) -> None:
 
     signature = commands.add_parser("cernvm-signature", help="check the signature of a CernVM image")
     signature.add_argument("image", help="image file")
-    signature.add_argument(
-        "--ca-dir", default="/etc/grid-security/certificates", help="hashed CA directory (default %(default)s)"
-    )
+    signature.add_argument("--ca-dir", help="hashed CA directory (default /etc/grid-security/certificates)")
     signature.add_argument("-J", "--json", action="store_true", help="print JSON")
     signature.set_defaults(func=cmd_cernvm_signature)
 
