@@ -22,6 +22,29 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-conf", default=None, help="run-time file (default /run/vac.conf and /var/run/vac.conf)")
 
 
+def cmd_conf(args: argparse.Namespace) -> int:
+    """Print the effective configuration, each value with the file:line that set it.
+
+    With --check print only the problems. Problems go to stderr; exit status 1 on any error.
+    """
+    from vac import config as configmod
+
+    config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
+    for problem in problems:
+        print(f"{problem.level}: {problem}", file=sys.stderr)
+    if config is None:
+        return 1
+    if not args.check:
+        print(configmod.format_effective_config(config), end="")
+    return 0
+
+
+def register_config_commands(commands: argparse._SubParsersAction) -> None:
+    conf = commands.add_parser("conf", help="show the effective configuration and where each value was set")
+    conf.add_argument("--check", action="store_true", help="print only problems; exit status 1 on any error")
+    conf.set_defaults(func=cmd_conf)
+
+
 def cmd_proxy_init(args: argparse.Namespace) -> int:
     """Print a 12-hour limited proxy of CERT/KEY (RFC 3820, or legacy Globus with -l)."""
     # Imported here so that the other subcommands do not load the crypto libraries.
@@ -169,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     # Subcommands are registered below, one block per area.
+    register_config_commands(commands)
     register_x509_commands(commands)
     register_ops_commands(commands)
     return parser

@@ -1,25 +1,55 @@
 """Layered INI configuration: typed, immutable settings and machinetypes.
 
-Interface used by every other module (stable; the loader below fills it):
+Interface used by every other module:
 
+* ``ConfigPaths(conf_dir, main_conf, run_confs)``: where to read; ``ConfigPaths.from_args(args)``
+  builds it from the ``--conf-dir``/``--conf``/``--run-conf`` options of ``vac`` and ``vacd``.
+* ``load_config(paths, *, hostname=None, processor_count=None) -> (Config | None, [Problem])``:
+  reads every ``*.conf`` of ``conf_dir`` in name order, then ``main_conf``, then ``run_confs``;
+  same-named sections merge and later values win. ``Config`` is None if any problem is an error.
+  Host facts default to this host (FQDN, logical processors); tests pass them in.
+* ``load_config_or_raise(...) -> Config``: the same, raising ``ConfigError(problems)`` on errors.
 * ``Config``: ``settings: Settings``, ``machinetypes: dict[str, Machinetype]`` (in name order,
-  including pipe-derived ones once pipes are expanded), ``vacuum_pipes: dict[str, VacuumPipe]``,
-  ``sources: dict[(section, option), "file:line" | "default"]``.
-* ``load_config(paths: ConfigPaths, hostname: str | None = None) -> tuple[Config | None,
-  list[Problem]]``: reads and validates; ``Config`` is None if any problem is an error.
-* ``ConfigError(problems)`` raised by ``load_config_or_raise``.
+  including pipe-derived ones once vac.pipes has expanded them), ``vacuum_pipes: dict[str,
+  VacuumPipe]``, ``sources: dict[(section, option), "file:line" | "default"]`` where section is
+  ``settings``, ``machinetype NAME`` or ``vacuum_pipe PREFIX``. Treat all of it as read-only.
+* ``Problem``: ``level`` (``"error"``/``"warning"``), ``message``, ``file``, ``line``, ``section``,
+  ``option``; ``str()`` gives ``FILE:LINE: [SECTION] OPTION: MESSAGE``.
+* ``format_effective_config(config) -> str``: the merged configuration as INI text, each value
+  followed by ``; FILE:LINE`` or ``; default``; reading it back gives the same configuration.
+* ``build_machinetype(name, options, settings, origin=...)``: one machinetype from raw option
+  strings, checked exactly like a ``[machinetype]`` section.
+
+Parsing follows the classic Python 2 ``RawConfigParser`` the existing files were written for:
+``name = value`` or ``name: value``, names and section names case-insensitive, ``#``/``;``
+comment lines, `` ;`` inline comments, indented continuation lines, ``""`` for an empty value.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import difflib
+import functools
+import ipaddress
+import math
+import os
+import re
+import socket
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 DEFAULT_CONF_DIR = "/etc/vac.d"
 DEFAULT_MAIN_CONF = "/etc/vac.conf"
 DEFAULT_RUN_CONFS = ("/run/vac.conf", "/var/run/vac.conf")
 
 MACHINE_MODELS = ("cernvm3", "cernvm4", "vm-raw")
+CONTAINER_MODELS = ("docker", "singularity")
+
+ERROR = "error"
+WARNING = "warning"
+
+MAX_FILE_BYTES = 1024 * 1024  # far above any real configuration file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +59,16 @@ class FactoryAddress:
     name: str
     address: Optional[str] = None  # None: resolve ``name`` (DNS)
     port: Optional[int] = None  # None: the space's ``vacquery_port``
+
+    def __str__(self) -> str:
+        if self.address is None:
+            return self.name
+        address = self.address
+        if self.port is None:
+            return f"{self.name}@{address}"
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{self.name}@{address}:{self.port}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +83,7 @@ class Settings:
     mb_per_processor: int = 2048
     hs06_per_processor: Optional[float] = None
     processors_per_superslot: int = 1
-    total_processors: Optional[int] = None  # None: all logical processors of the host
+    total_processors: Optional[int] = None  # load_config fills in the host's logical processors
     overload_per_processor: float = 1.25
     shutdown_time: Optional[int] = None
     draining: bool = False
@@ -57,9 +97,10 @@ class Settings:
     root_public_key: str = "/root/.ssh/id_rsa.pub"
     fix_networking: bool = True
     forward_dev: Optional[str] = None
-    machinefeatures_options: tuple[tuple[str, str], ...] = ()  # machinefeatures_option_XXX
-    user_data_options: tuple[tuple[str, str], ...] = ()  # user_data_option_XXX
-    user_data_files: tuple[tuple[str, str], ...] = ()  # user_data_file_XXX
+    # (XXX, value) pairs sorted by XXX, from the options named machinefeatures_option_XXX etc.
+    machinefeatures_options: tuple[tuple[str, str], ...] = ()
+    user_data_options: tuple[tuple[str, str], ...] = ()
+    user_data_files: tuple[tuple[str, str], ...] = ()
     # New settings: classic values as defaults, every path overridable.
     state_dir: str = "/var/lib/vac"
     libvirt_uri: str = "qemu:///system"
@@ -98,7 +139,8 @@ class Machinetype:
     machine_model: str = "cernvm3"
     root_device: str = "vda"
     scratch_device: str = "vdb"
-    user_data_options: tuple[tuple[str, str], ...] = ()  # merged with settings defaults
+    # (XXX, value) sorted by XXX: [settings] user_data_option_XXX overridden by this section's
+    user_data_options: tuple[tuple[str, str], ...] = ()
     user_data_files: tuple[tuple[str, str], ...] = ()
     user_data_proxy: bool = False
     legacy_proxy: bool = False
@@ -136,7 +178,8 @@ class VacuumPipe:
     prefix: str
     vacuum_pipe_url: str
     target_share: float = 0.0
-    defaults: tuple[tuple[str, str], ...] = ()  # other options copied to each machinetype
+    # other options (machinetype option names, raw text) copied to each machinetype, sorted
+    defaults: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,3 +191,1032 @@ class Config:
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+# --- problems ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One error or warning, located as precisely as possible."""
+
+    level: str  # ERROR or WARNING
+    message: str
+    file: Optional[str] = None
+    line: Optional[int] = None
+    section: Optional[str] = None  # "settings", "machinetype lhcb", ...
+    option: Optional[str] = None
+
+    @property
+    def is_error(self) -> bool:
+        return self.level == ERROR
+
+    def __str__(self) -> str:
+        text = self.message
+        subject = " ".join(part for part in (f"[{self.section}]" if self.section else "", self.option or "") if part)
+        if subject:
+            text = f"{subject}: {text}"
+        if self.file:
+            where = f"{self.file}:{self.line}" if self.line else self.file
+            text = f"{where}: {text}"
+        return text
+
+
+class ConfigError(Exception):
+    """The configuration has errors; ``problems`` lists all of them (and the warnings)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(problem) for problem in problems if problem.is_error))
+
+
+# --- where to read -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigPaths:
+    """The three configuration locations, read in this order."""
+
+    conf_dir: str = DEFAULT_CONF_DIR
+    main_conf: str = DEFAULT_MAIN_CONF
+    run_confs: tuple[str, ...] = DEFAULT_RUN_CONFS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.run_confs, str):  # one file given where a sequence is expected
+            object.__setattr__(self, "run_confs", (self.run_confs,))
+        else:
+            object.__setattr__(self, "run_confs", tuple(self.run_confs))
+
+    @classmethod
+    def from_args(cls, args: Any) -> ConfigPaths:
+        """From the options added by ``vac.cli.add_config_arguments`` (missing ones: defaults)."""
+        run_conf = getattr(args, "run_conf", None)
+        return cls(
+            conf_dir=getattr(args, "conf_dir", None) or DEFAULT_CONF_DIR,
+            main_conf=getattr(args, "conf", None) or DEFAULT_MAIN_CONF,
+            run_confs=(run_conf,) if run_conf else DEFAULT_RUN_CONFS,
+        )
+
+
+# --- value converters: text -> typed value, or ValueError(message) ------------------------------
+
+Converter = Callable[[str], Any]
+
+_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_DNS_LABEL}(?:\.{_DNS_LABEL})*\Z", re.IGNORECASE)
+_SECTION_NAME = re.compile(r"[a-z0-9-]+\Z")
+_OPTION_SUFFIX = re.compile(r"[a-z0-9_]+\Z")
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+_DEVICE = re.compile(r"[a-z0-9]+\Z")
+_INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
+_VOLUME_GROUP = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\Z")
+_LIBVIRT_NAME = re.compile(r"[A-Za-z0-9_.+-]+\Z")
+_LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+.-]*:///?")
+_HOST_PORT = re.compile(r"[a-z0-9.-]+:([0-9]+)\Z")
+_REPOSITORY = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+
+
+class _WithWarning:
+    """A converted value that also deserves a warning (a legacy spelling, say)."""
+
+    def __init__(self, value: Any, warning: str) -> None:
+        self.value = value
+        self.warning = warning
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _integer(minimum: Optional[int] = None, maximum: Optional[int] = None) -> Converter:
+    def convert(text: str) -> int:
+        if not _INTEGER.match(text):
+            raise ValueError(f"{text!r} is not an integer")
+        value = int(text)
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{text!r} must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{text!r} must be at most {maximum}")
+        return value
+
+    return convert
+
+
+def _number(minimum: float = 0.0, *, allow_minimum: bool = False) -> Converter:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{text!r} is not a finite number")
+        if value < minimum or (value == minimum and not allow_minimum):
+            raise ValueError(f"{text!r} must be {'at least' if allow_minimum else 'greater than'} {minimum:g}")
+        return value
+
+    return convert
+
+
+def _any_number(text: str) -> float:
+    return _number(-math.inf)(text)
+
+
+def _boolean(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not a boolean (use yes/no, true/false, on/off or 1/0)") from None
+
+
+def _choice(*choices: str) -> Converter:
+    def convert(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return convert
+
+
+def _matching(pattern: re.Pattern, what: str) -> Converter:
+    def convert(text: str) -> str:
+        if not pattern.match(text):
+            raise ValueError(f"{text!r} is not {what}")
+        return text
+
+    return convert
+
+
+def _words(convert_word: Converter) -> Converter:
+    def convert(text: str) -> tuple:
+        return tuple(convert_word(word) for word in text.split())
+
+    return convert
+
+
+def _absolute_path(text: str) -> str:
+    if not text.startswith("/") or "\0" in text:
+        raise ValueError(f"{text!r} is not an absolute path")
+    return text
+
+
+def _file_name(text: str) -> str:
+    if not text or "/" in text or text in (".", "..") or "\0" in text:
+        raise ValueError(f"{text!r} is not a plain file name (no /)")
+    return text
+
+
+def _http_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def _ip_address_or_all(text: str) -> str:
+    return _ip_address(text) if text else ""
+
+
+def _port(text: str) -> int:
+    return _integer(1, 65535)(text)
+
+
+def _dns_name(text: str) -> str:
+    if not _DNS_NAME.match(text):
+        raise ValueError(f"{text!r} is not a valid DNS name (letters, digits, - and .)")
+    return text
+
+
+def _host_name(text: str) -> str:
+    return _dns_name(text.lower().rstrip("."))
+
+
+def _host_port(text: str) -> str:
+    text = text.lower()
+    match = _HOST_PORT.match(text)
+    if not match or not 1 <= int(match.group(1)) <= 65535:
+        raise ValueError(f"{text!r} is not host.domain:port")
+    return text
+
+
+def _libvirt_uri(text: str) -> str:
+    if not _LIBVIRT_URI.match(text):
+        raise ValueError(f"{text!r} is not a libvirt URI like qemu:///system")
+    return text
+
+
+def _version_logger(text: str) -> Any:
+    legacy = {"true": 1, "false": 0}.get(text.lower())
+    if legacy is not None:
+        return _WithWarning(legacy, f"{text!r} is deprecated: give messages per day, here {legacy}")
+    try:
+        return _integer(0)(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer (messages per day)") from None
+
+
+def _machine_model(text: str) -> str:
+    if text in CONTAINER_MODELS:
+        raise ValueError(f"{text!r} is not supported by this version (use {', '.join(MACHINE_MODELS)})")
+    return _choice(*MACHINE_MODELS)(text)
+
+
+def _root_image(text: str) -> str:
+    if text.startswith("docker://"):
+        raise ValueError(f"{text!r}: docker:// images are not supported by this version")
+    if text.startswith(("http://", "https://")):
+        return _http_url(text)
+    if text.startswith("/"):
+        return _absolute_path(text)
+    try:
+        return _file_name(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an absolute path, an http(s) URL or a file name") from None
+
+
+def _user_data(text: str) -> str:
+    if text.startswith(("http://", "https://")):
+        return _http_url(text)
+    if ".." in text.split("/") or "\0" in text or not text:
+        raise ValueError(f"{text!r} is not a path without .. or an http(s) URL")
+    return text
+
+
+def _fqan(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not an FQAN like /lhcb/Role=pilot")
+    return text
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{text!r} is not a valid regular expression ({error})") from None
+    return text
+
+
+# --- the options ---------------------------------------------------------------------------------
+
+SETTINGS_OPTIONS: dict[str, Converter] = {
+    "vac_space": _dns_name,
+    "factory_name": _host_name,
+    "description": _text,
+    "factories": _words(str.lower),  # entries checked once factory_name is known
+    "udp_timeout_seconds": _number(0.0),
+    "mb_per_processor": _integer(1),
+    "hs06_per_processor": _number(0.0),
+    "processors_per_superslot": _integer(1),
+    "total_processors": _integer(1),
+    "overload_per_processor": _number(0.0),
+    "shutdown_time": _integer(0),
+    "draining": _boolean,
+    "gocdb_sitename": _text,
+    "gocdb_cert_file": _absolute_path,
+    "gocdb_key_file": _absolute_path,
+    "version_logger": _version_logger,
+    "vacmon_hostport": _words(_host_port),
+    "volume_group": _matching(_VOLUME_GROUP, "an LVM volume group name"),
+    "disk_gb_per_processor": _number(0.0),
+    "root_public_key": _absolute_path,
+    "fix_networking": _boolean,
+    "forward_dev": _matching(_INTERFACE, "a network interface name"),
+    "state_dir": _absolute_path,
+    "libvirt_uri": _libvirt_uri,
+    "domain_type": _choice("kvm", "qemu"),
+    "vacquery_port": _port,
+    "vacquery_address": _ip_address_or_all,
+    "vacquery_secret_file": _absolute_path,
+    "vacquery_allow_unauthenticated": _boolean,
+    "metadata_address": _ip_address,
+    "mjf_address": _ip_address,
+    "http_port": _port,
+    "network_name": _matching(_LIBVIRT_NAME, "a libvirt network name"),
+    "network_forward": _choice("nat", "none"),
+    "bridge_name": _matching(_INTERFACE, "a bridge name (at most 15 characters)"),
+    "max_creating": _integer(1),
+    "max_probes": _integer(1),
+    "reconcile_seconds": _number(0.0),
+    "stop_grace_seconds": _number(0.0, allow_minimum=True),
+    "peer_cache_seconds": _number(0.0, allow_minimum=True),
+    "apel_version": _choice("0.3", "0.4"),
+    "hepscore23_per_processor": _number(0.0),
+    "metrics_port": _port,
+    "kernel": _absolute_path,
+    "initrd": _absolute_path,
+    "kernel_cmdline": _text,
+}
+
+MACHINETYPE_OPTIONS: dict[str, Converter] = {
+    "root_image": _root_image,
+    "user_data": _user_data,
+    "target_share": _number(0.0, allow_minimum=True),
+    "machine_model": _machine_model,
+    "root_device": _matching(_DEVICE, "a device name of a-z and 0-9 like vda"),
+    "scratch_device": _matching(_DEVICE, "a device name of a-z and 0-9 like vdb"),
+    "user_data_proxy": _boolean,
+    "legacy_proxy": _boolean,
+    "min_processors": _integer(1),
+    "max_processors": _integer(1),
+    "max_wallclock_seconds": _integer(1),
+    "min_wallclock_seconds": _integer(0),
+    "backoff_seconds": _integer(0),
+    "fizzle_seconds": _integer(0),
+    "heartbeat_file": _file_name,
+    "heartbeat_seconds": _integer(0),
+    "accounting_fqan": _fqan,
+    "machinegroup": _text,
+    "machines_dir_days": _any_number,  # <= 0: never expire
+    "image_signing_dn": _regex,
+    "disk_gb_per_processor": _number(0.0),
+    "cvmfs_repositories": _words(_matching(_REPOSITORY, "a CernVM-FS repository name")),
+}
+
+PIPE_OPTIONS: dict[str, Converter] = {
+    "vacuum_pipe_url": _http_url,
+    "target_share": _number(0.0, allow_minimum=True),
+}
+
+# option name prefix -> tuple field collecting (suffix, value) pairs
+SETTINGS_PREFIXES = {
+    "machinefeatures_option_": "machinefeatures_options",
+    "user_data_option_": "user_data_options",
+    "user_data_file_": "user_data_files",
+}
+MACHINETYPE_PREFIXES = {"user_data_option_": "user_data_options", "user_data_file_": "user_data_files"}
+
+DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
+    "settings": {
+        "mb_per_cpu": "mb_per_processor",
+        "hs06_per_cpu": "hs06_per_processor",
+        "vcpu_per_machine": "processors_per_superslot",
+        "cpu_per_machine": "processors_per_superslot",
+        "cpu_total": "total_processors",
+        "overload_per_cpu": "overload_per_processor",
+        "scratch_gb": "disk_gb_per_processor",
+        "disk_gb_per_cpu": "disk_gb_per_processor",
+    },
+    "machinetype": {
+        "vm_model": "machine_model",
+        "machineoutputs_days": "machines_dir_days",
+        "cernvm_signing_dn": "image_signing_dn",
+    },
+}
+
+_CONTAINERS_ONLY = "ignored: only container machine models use it, and this version has none"
+OBSOLETE_OPTIONS: dict[str, dict[str, str]] = {
+    "settings": {
+        "total_machines": "obsolete and ignored: total_processors limits the number of machines",
+        "delete_old_files": "obsolete and ignored: old files are always deleted",
+        "mb_per_machine": "obsolete and ignored: use mb_per_processor",
+        "singularity_user": _CONTAINERS_ONLY,
+    },
+    "machinetype": {
+        "rootpublickey": "ignored here: root_public_key is a [settings] option",
+        "root_public_key": "ignored here: root_public_key is a [settings] option",
+        "log_machineoutputs": "obsolete and ignored: machines_dir_days says how long machine directories are kept",
+        "user_data_proxy_cert": "obsolete and ignored: set user_data_proxy = true and put x509cert.pem "
+        "and x509key.pem in the machinetype directory",
+        "user_data_proxy_key": "obsolete and ignored: set user_data_proxy = true and put x509cert.pem "
+        "and x509key.pem in the machinetype directory",
+        "container_command": _CONTAINERS_ONLY,
+        "tmp_binds": _CONTAINERS_ONLY,
+        "machinetype_path": "ignored: always <state_dir>/machinetypes/<name>",
+    },
+}
+
+_REMOVED_SECTIONS = {
+    "factories": "a [factories] section is no longer read: list the factories in the factories option of [settings]",
+    "targetshares": "a [targetshares] section is no longer read: give target_share in each [machinetype NAME] section",
+}
+
+
+def _options_of(kind: str) -> tuple[dict[str, Converter], dict[str, str]]:
+    """Known options and prefixes of a section kind (a pipe takes any machinetype option too)."""
+    if kind == "settings":
+        return SETTINGS_OPTIONS, SETTINGS_PREFIXES
+    if kind == "machinetype":
+        return MACHINETYPE_OPTIONS, MACHINETYPE_PREFIXES
+    return {**MACHINETYPE_OPTIONS, **PIPE_OPTIONS}, MACHINETYPE_PREFIXES
+
+
+def _deprecation_kind(kind: str) -> str:
+    return "settings" if kind == "settings" else "machinetype"
+
+
+# --- reading INI files ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Value:
+    text: str
+    file: Optional[str]
+    line: Optional[int]
+    written_as: str  # the option name in the file (a deprecated name, say)
+
+    @property
+    def where(self) -> str:
+        if self.file is None:
+            return "default"
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+@dataclasses.dataclass
+class _Block:
+    """One ``[header]`` and its option lines, as written in one file."""
+
+    header: str
+    file: str
+    line: int
+    options: list = dataclasses.field(default_factory=list)  # [name, text, line]
+
+
+_HEADER = re.compile(r"\[([^\]]*)\]\s*(?:[#;].*)?\Z")
+_INLINE_COMMENT = re.compile(r"\s;")
+
+
+def _strip_inline_comment(text: str) -> str:
+    match = _INLINE_COMMENT.search(text)
+    return (text[: match.start()] if match else text).strip()
+
+
+def _parse_ini(text: str, file: str, problems: list[Problem]) -> list[_Block]:
+    blocks: list[_Block] = []
+    current: Optional[_Block] = None
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.rstrip("\r")
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if line[0].isspace() and current is not None and current.options:
+            continuation = _strip_inline_comment(stripped)
+            if continuation:
+                last = current.options[-1]
+                last[1] = f"{last[1]}\n{continuation}" if last[1] else continuation
+            continue
+        if stripped.startswith("["):
+            match = _HEADER.match(stripped)
+            if not match or not match.group(1).strip():
+                problems.append(Problem(ERROR, f"malformed section header {stripped!r}", file, number))
+                current = None
+                continue
+            current = _Block(match.group(1).strip(), file, number)
+            blocks.append(current)
+            continue
+        separator = min((i for i in (stripped.find("="), stripped.find(":")) if i >= 0), default=-1)
+        name = stripped[:separator].strip().lower() if separator > 0 else ""
+        if not name:
+            problems.append(Problem(ERROR, f"expected 'option = value' or a [section] header, not {stripped!r}", file, number))
+            continue
+        if current is None:
+            problems.append(Problem(ERROR, "option outside any [section]", file, number, option=name))
+            continue
+        value = _strip_inline_comment(stripped[separator + 1 :])
+        current.options.append([name, "" if value == '""' else value, number])
+    return blocks
+
+
+def _read_file(path: str, problems: list[Problem], *, may_be_missing: bool) -> Optional[str]:
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        if not may_be_missing:
+            problems.append(Problem(ERROR, "cannot read: no such file", path))
+        return None
+    except OSError as error:
+        problems.append(Problem(ERROR, f"cannot read: {error.strerror}", path))
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        problems.append(Problem(ERROR, f"larger than {MAX_FILE_BYTES} bytes: not a configuration file", path))
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        problems.append(Problem(ERROR, f"not UTF-8 text (byte 0x{data[error.start]:02x})", path, line))
+        return None
+    return text.removeprefix("\ufeff")
+
+
+def _files_to_read(paths: ConfigPaths, problems: list[Problem]) -> list[tuple[str, bool]]:
+    """(path, may_be_missing) in reading order."""
+    files: list[tuple[str, bool]] = []
+    try:
+        entries = sorted(os.listdir(paths.conf_dir))
+    except FileNotFoundError:
+        entries = []
+    except OSError as error:
+        problems.append(Problem(ERROR, f"cannot list directory: {error.strerror}", paths.conf_dir))
+        entries = []
+    for entry in entries:
+        if entry.endswith(".conf") and not entry.startswith("."):
+            path = os.path.join(paths.conf_dir, entry)
+            if os.path.isdir(path):
+                problems.append(Problem(WARNING, "is a directory; ignored", path))
+            else:
+                files.append((path, False))
+    files.append((paths.main_conf, True))
+    seen = set()
+    for run_conf in paths.run_confs:
+        # /var/run is usually a link to /run: read that file once.
+        real = os.path.realpath(run_conf)
+        if real not in seen:
+            seen.add(real)
+            files.append((run_conf, True))
+    return files
+
+
+# --- merging files into sections -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Section:
+    kind: str  # "settings", "machinetype" or "vacuum_pipe"
+    name: str  # "" for settings
+    file: str
+    line: int
+    values: dict = dataclasses.field(default_factory=dict)  # canonical option -> _Value
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name}" if self.name else self.kind
+
+
+def _section_of(block: _Block, problems: list[Problem]) -> Optional[tuple[str, str]]:
+    """(kind, name) of a header, or None (with a problem) when its options are not read."""
+    words = block.header.lower().split(None, 1)
+    kind, name = words[0], words[1].strip() if len(words) > 1 else ""
+
+    def problem(level: str, message: str) -> None:
+        problems.append(Problem(level, message, block.file, block.line, section=block.header))
+
+    if kind in _REMOVED_SECTIONS:
+        problem(ERROR, _REMOVED_SECTIONS[kind])
+        return None
+    if kind == "settings":
+        if name:
+            problem(ERROR, "[settings] takes no name")
+            return None
+        return kind, ""
+    if kind not in ("machinetype", "vmtype", "vacuum_pipe"):
+        problem(WARNING, "unknown section ignored")
+        return None
+    if not name:
+        problem(ERROR, f"[{kind} NAME] needs a name")
+        return None
+    if not _SECTION_NAME.match(name):
+        problem(ERROR, f"name {name!r} may only contain a-z, 0-9 and -")
+        return None
+    if kind == "vmtype":
+        problem(WARNING, f"deprecated: use [machinetype {name}]")
+        kind = "machinetype"
+    return kind, name
+
+
+def _unknown_option_message(kind: str, option: str, known: Mapping[str, Any]) -> str:
+    message = "unknown option ignored"
+    close = difflib.get_close_matches(option, list(known), n=1)
+    if close:
+        return f"{message} (did you mean {close[0]}?)"
+    if kind != "settings" and option in SETTINGS_OPTIONS:
+        return f"{message} (it is a [settings] option)"
+    if kind == "settings" and option in MACHINETYPE_OPTIONS:
+        return f"{message} (it is a [machinetype NAME] option)"
+    return message
+
+
+def _merge(files: list[tuple[str, list[_Block]]], problems: list[Problem]) -> dict[tuple[str, str], _Section]:
+    sections: dict[tuple[str, str], _Section] = {}
+    for file, blocks in files:
+        set_here: dict[tuple[str, str, str], _Value] = {}  # duplicates inside one file
+        for block in blocks:
+            kind_name = _section_of(block, problems)
+            if kind_name is None:
+                continue
+            section = sections.setdefault(kind_name, _Section(*kind_name, block.file, block.line))
+            known, prefixes = _options_of(section.kind)
+            renamed = DEPRECATED_OPTIONS[_deprecation_kind(section.kind)]
+            obsolete = OBSOLETE_OPTIONS[_deprecation_kind(section.kind)]
+
+            for name, text, line in block.options:
+                canonical = renamed.get(name, name)
+                complaint = None
+                if name in renamed:
+                    problems.append(Problem(WARNING, f"deprecated: use {canonical}", file, line, section.label, name))
+                elif name in obsolete:
+                    complaint = (WARNING, obsolete[name])
+                elif name not in known and not name.startswith(tuple(prefixes)):
+                    complaint = (WARNING, _unknown_option_message(section.kind, name, known))
+                earlier = set_here.get((*kind_name, canonical))
+                if complaint is None and earlier is not None:
+                    also = f" (as {earlier.written_as})" if earlier.written_as != name else ""
+                    complaint = (ERROR, f"already set{also} at line {earlier.line} of this file")
+                if complaint is not None:
+                    problems.append(Problem(*complaint, file, line, section.label, name))
+                    continue
+                value = _Value(text, file, line, name)
+                set_here[(*kind_name, canonical)] = value
+                section.values[canonical] = value
+    return sections
+
+
+# --- building typed objects ----------------------------------------------------------------------
+
+
+class _Builder:
+    """Converts one merged section into dataclass field values, collecting problems."""
+
+    def __init__(self, section: _Section, problems: list[Problem], sources: dict) -> None:
+        self.section = section
+        self.problems = problems
+        self.sources = sources
+        self.failed = False
+        self.bad: set[str] = set()  # options whose value was rejected
+
+    def problem(self, level: str, message: str, option: Optional[str] = None, value: Optional[_Value] = None) -> None:
+        file, line = (value.file, value.line) if value else (self.section.file, self.section.line)
+        written = value.written_as if value else option
+        self.problems.append(Problem(level, message, file, line, self.section.label, written))
+        if level == ERROR:
+            self.failed = True
+            if option is not None:
+                self.bad.add(option)
+
+    def convert(self, table: Mapping[str, Converter], defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """Typed values of the options in ``table`` that the section sets."""
+        fields: dict[str, Any] = {}
+        for option, value in self.section.values.items():
+            convert = table.get(option)
+            if convert is None:
+                continue
+            self.sources[(self.section.label, option)] = value.where
+            if value.text == "" and defaults.get(option, dataclasses.MISSING) in (None, dataclasses.MISSING):
+                continue  # an empty value unsets an option that has no default
+            try:
+                converted = convert(value.text)
+            except ValueError as error:
+                self.problem(ERROR, str(error), option, value)
+                continue
+            if isinstance(converted, _WithWarning):
+                self.problem(WARNING, converted.warning, option, value)
+                converted = converted.value
+            fields[option] = converted
+        return fields
+
+    def pairs(self, prefixes: Mapping[str, str], inherited: Optional[Mapping[str, tuple]] = None) -> dict[str, tuple]:
+        """The (suffix, value) tuples of prefixed options, over ``inherited`` ones."""
+        collected: dict[str, dict[str, str]] = {field: dict(inherited.get(field, ())) if inherited else {} for field in prefixes.values()}
+        for option, value in self.section.values.items():
+            prefix = next((p for p in prefixes if option.startswith(p)), None)
+            if prefix is None:
+                continue
+            suffix = option[len(prefix) :]
+            if not _OPTION_SUFFIX.match(suffix):
+                self.problem(ERROR, f"the part after {prefix} may only contain a-z, 0-9 and _", option, value)
+                continue
+            self.sources[(self.section.label, option)] = value.where
+            collected[prefixes[prefix]][suffix] = value.text
+        return {field: tuple(sorted(values.items())) for field, values in collected.items()}
+
+    def required(self, fields: Mapping[str, Any], option: str) -> None:
+        if option not in fields and option not in self.bad:
+            self.problem(ERROR, "required option not set", option)
+
+    def at(self, option: str) -> Optional[_Value]:
+        return self.section.values.get(option)
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    return {field.name: field.default for field in dataclasses.fields(cls)}
+
+
+def _record_defaults(cls: type, label: str, sources: dict, skip: tuple = ()) -> None:
+    """Every field the files did not set comes from its default (or the host)."""
+    for field in dataclasses.fields(cls):
+        if field.name not in skip:
+            sources.setdefault((label, field.name), "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Host:
+    """Facts about the factory host, detected only when the configuration needs them."""
+
+    hostname: Optional[str]
+    processor_count: Optional[int]
+
+    def fqdn(self) -> str:
+        return (self.hostname if self.hostname is not None else _detected_fqdn()).lower().rstrip(".")
+
+    def processors(self) -> int:
+        return self.processor_count if self.processor_count is not None else (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _detected_fqdn() -> str:
+    # getfqdn may ask DNS; the daemon reloads every cycle, so ask once per process.
+    return socket.getfqdn()
+
+
+def _parse_factory(entry: str, factory_name: str) -> FactoryAddress:
+    name, _, address_text = entry.partition("@")
+    if name == ".":
+        name = factory_name
+    elif "." not in name:
+        name = f"{name}.{factory_name.split('.', 1)[1]}"
+    if not _DNS_NAME.match(name):
+        raise ValueError(f"{entry!r}: {name!r} is not a valid factory name")
+    if not _:
+        return FactoryAddress(name)
+    port_text = None
+    if address_text.startswith("["):
+        address_text, bracket, port_text = address_text[1:].partition("]")
+        if not bracket or (port_text and not port_text.startswith(":")):
+            raise ValueError(f"{entry!r}: write IPv6 addresses as [address]:port")
+        port_text = port_text[1:] or None
+    elif address_text.count(":") == 1:
+        address_text, _, port_text = address_text.partition(":")
+    try:
+        address = str(ipaddress.ip_address(address_text))
+    except ValueError:
+        raise ValueError(f"{entry!r}: {address_text!r} is not an IP address") from None
+    port = None
+    if port_text is not None:
+        try:
+            port = _port(port_text)
+        except ValueError as error:
+            raise ValueError(f"{entry!r}: port {error}") from None
+    return FactoryAddress(name, address, port)
+
+
+def _build_settings(section: _Section, host: _Host, problems: list[Problem], sources: dict) -> Optional[Settings]:
+    builder = _Builder(section, problems, sources)
+    fields = builder.convert(SETTINGS_OPTIONS, _field_defaults(Settings))
+    fields.update(builder.pairs(SETTINGS_PREFIXES))
+    builder.required(fields, "vac_space")
+
+    factory_name = fields.get("factory_name")
+    if factory_name is None and "factory_name" not in builder.bad:
+        factory_name = host.fqdn()
+        if "." not in factory_name or not _DNS_NAME.match(factory_name):
+            builder.problem(ERROR, f"this host's name {factory_name!r} is not a fully qualified domain name: "
+                            "set factory_name", "factory_name")
+    elif factory_name is not None and "." not in factory_name:
+        builder.problem(ERROR, f"{factory_name!r} has no dot: give the fully qualified name",
+                        "factory_name", builder.at("factory_name"))
+    if factory_name:
+        fields["factory_name"] = factory_name
+
+    if "factories" in fields and factory_name and "." in factory_name:
+        factories: dict[str, FactoryAddress] = {}
+        for entry in fields["factories"]:
+            try:
+                factory = _parse_factory(entry, factory_name)
+            except ValueError as error:
+                builder.problem(ERROR, str(error), value=builder.at("factories"))
+                continue
+            if factory.name in factories:
+                builder.problem(WARNING, f"{factory.name} is listed twice; the first entry counts", value=builder.at("factories"))
+                continue
+            factories[factory.name] = factory
+        fields["factories"] = tuple(factories.values())
+
+    processors = host.processors()
+    if "total_processors" not in fields:
+        fields["total_processors"] = processors
+    elif fields["total_processors"] > processors:
+        builder.problem(ERROR, f"{fields['total_processors']} is more than the {processors} processors of this host",
+                        value=builder.at("total_processors"))
+    if ("gocdb_cert_file" in fields) != ("gocdb_key_file" in fields):
+        missing = "gocdb_key_file" if "gocdb_cert_file" in fields else "gocdb_cert_file"
+        builder.problem(ERROR, "gocdb_cert_file and gocdb_key_file must be given together", missing)
+    for needs_kernel in ("initrd", "kernel_cmdline"):
+        if needs_kernel in fields and "kernel" not in fields:
+            builder.problem(ERROR, "only used with kernel, which is not set", value=builder.at(needs_kernel))
+
+    if builder.failed:
+        return None
+    _record_defaults(Settings, section.label, sources, skip=tuple(SETTINGS_PREFIXES.values()))
+    return Settings(**fields)
+
+
+def _build_machinetype(
+    section: _Section, settings: Settings, problems: list[Problem], sources: dict, *, require_images: bool
+) -> Optional[Machinetype]:
+    builder = _Builder(section, problems, sources)
+    fields = builder.convert(MACHINETYPE_OPTIONS, _field_defaults(Machinetype))
+    inherited = {"user_data_options": settings.user_data_options, "user_data_files": settings.user_data_files}
+    for field, pairs in inherited.items():
+        for suffix, _value in pairs:
+            option = f"{'user_data_option_' if field == 'user_data_options' else 'user_data_file_'}{suffix}"
+            sources[(section.label, option)] = sources.get(("settings", option), "default")
+    fields.update(builder.pairs(MACHINETYPE_PREFIXES, inherited))
+    if require_images:
+        builder.required(fields, "root_image")
+        builder.required(fields, "user_data")
+
+    defaults = _field_defaults(Machinetype)
+    for low, high in (("min_processors", "max_processors"), ("min_wallclock_seconds", "max_wallclock_seconds")):
+        low_value, high_value = fields.get(low, defaults[low]), fields.get(high, defaults[high])
+        if low_value is not None and low_value > high_value:
+            builder.problem(ERROR, f"{low_value} is more than {high} ({high_value})", low,
+                            builder.at(low) or builder.at(high))
+    if fields.get("heartbeat_seconds", 0) > 0 and "heartbeat_file" not in fields:
+        builder.problem(WARNING, "has no effect without heartbeat_file", value=builder.at("heartbeat_seconds"))
+    if "disk_gb_per_processor" in fields and settings.disk_gb_per_processor is not None \
+            and fields["disk_gb_per_processor"] > settings.disk_gb_per_processor:
+        builder.problem(WARNING, f"more than the [settings] value {settings.disk_gb_per_processor:g}, which is used instead",
+                        value=builder.at("disk_gb_per_processor"))
+
+    if builder.failed:
+        return None
+    fields["machinetype_path"] = os.path.join(settings.state_dir, "machinetypes", section.name)
+    _record_defaults(Machinetype, section.label, sources, skip=("name", "machinetype_path", *MACHINETYPE_PREFIXES.values()))
+    return Machinetype(name=section.name, **fields)
+
+
+def _build_pipe(section: _Section, problems: list[Problem], sources: dict) -> Optional[VacuumPipe]:
+    builder = _Builder(section, problems, sources)
+    fields = builder.convert(PIPE_OPTIONS, _field_defaults(VacuumPipe))
+    builder.required(fields, "vacuum_pipe_url")
+    # The other options are machinetype defaults: check them now, hand them on as text.
+    machinetype_values = {option: value for option, value in section.values.items() if option not in PIPE_OPTIONS}
+    check = _Builder(dataclasses.replace(section, values=machinetype_values), problems, sources)
+    check.convert(MACHINETYPE_OPTIONS, _field_defaults(Machinetype))
+    check.pairs(MACHINETYPE_PREFIXES)
+    if builder.failed or check.failed:
+        return None
+    _record_defaults(VacuumPipe, section.label, sources, skip=("prefix", "defaults"))
+    defaults = tuple(sorted((option, value.text) for option, value in machinetype_values.items()))
+    return VacuumPipe(prefix=section.name, defaults=defaults, **fields)
+
+
+def build_machinetype(
+    name: str,
+    options: Mapping[str, str],
+    settings: Settings,
+    *,
+    origin: str = "<options>",
+    machinetype_path: Optional[str] = None,
+) -> tuple[Optional[Machinetype], list[Problem]]:
+    """One machinetype from raw option text, checked like a ``[machinetype NAME]`` section.
+
+    ``origin`` names where the options came from in problems (a pipe URL, say); deprecated
+    names are mapped, unknown ones warned about. ``machinetype_path`` overrides the default.
+    """
+    problems: list[Problem] = []
+    section = _Section("machinetype", name, origin, 0)
+    if not _SECTION_NAME.match(name):
+        problems.append(Problem(ERROR, f"name {name!r} may only contain a-z, 0-9 and -", origin, section=section.label))
+        return None, problems
+    blocks = [_Block(f"machinetype {name}", origin, 0, [[key.lower(), text, 0] for key, text in options.items()])]
+    merged = _merge([(origin, blocks)], problems)
+    section = merged.get(("machinetype", name), section)
+    machinetype = _build_machinetype(section, settings, problems, {}, require_images=True)
+    if machinetype is not None and machinetype_path is not None:
+        machinetype = dataclasses.replace(machinetype, machinetype_path=machinetype_path)
+    if any(problem.is_error for problem in problems):
+        machinetype = None
+    return machinetype, problems
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_config(
+    paths: Optional[ConfigPaths] = None,
+    *,
+    hostname: Optional[str] = None,
+    processor_count: Optional[int] = None,
+) -> tuple[Optional[Config], list[Problem]]:
+    """Read and check the configuration; the Config is None if any problem is an error.
+
+    ``hostname`` (the default factory_name) and ``processor_count`` (the default and maximum
+    total_processors) are this host's unless given. All problems of all files are returned,
+    errors and warnings, sorted by file (in reading order) and line.
+    """
+    paths = paths or ConfigPaths()
+    problems: list[Problem] = []
+    parsed: list[tuple[str, list[_Block]]] = []
+    files = _files_to_read(paths, problems)
+    for path, may_be_missing in files:
+        text = _read_file(path, problems, may_be_missing=may_be_missing)
+        if text is not None:
+            parsed.append((path, _parse_ini(text, path, problems)))
+    sections = _merge(parsed, problems)
+
+    sources: dict[tuple[str, str], str] = {}
+    settings_section = sections.get(("settings", ""))
+    settings = None
+    if settings_section is None:
+        read = ", ".join(path for path, _ in parsed) or "no files"
+        problems.append(Problem(ERROR, f"no [settings] section (read: {read}; also looked in {paths.conf_dir})"))
+    else:
+        settings = _build_settings(settings_section, _Host(hostname, processor_count), problems, sources)
+
+    machinetypes: dict[str, Machinetype] = {}
+    vacuum_pipes: dict[str, VacuumPipe] = {}
+    pipe_prefixes = tuple(f"{name}-" for kind, name in sections if kind == "vacuum_pipe")
+    for (kind, name), section in sorted(sections.items()):
+        if kind == "vacuum_pipe":
+            pipe = _build_pipe(section, problems, sources)
+            if pipe is not None:
+                vacuum_pipes[name] = pipe
+        elif kind == "machinetype" and settings is not None:
+            # A [machinetype PREFIX-SUFFIX] section may only override a pipe's values.
+            machinetype = _build_machinetype(section, settings, problems, sources,
+                                             require_images=not name.startswith(pipe_prefixes))
+            if machinetype is not None:
+                machinetypes[name] = machinetype
+
+    order = {path: index for index, (path, _) in enumerate(files)}
+    order.update({paths.conf_dir: -1})
+    problems.sort(key=lambda p: (order.get(p.file, len(order)) if p.file else len(order) + 1, p.line or 0))
+    if settings is None or any(problem.is_error for problem in problems):
+        return None, problems
+    return Config(settings, machinetypes, vacuum_pipes, sources), problems
+
+
+def load_config_or_raise(
+    paths: Optional[ConfigPaths] = None,
+    *,
+    hostname: Optional[str] = None,
+    processor_count: Optional[int] = None,
+) -> Config:
+    """``load_config`` that raises ``ConfigError`` (carrying every problem) on any error."""
+    config, problems = load_config(paths, hostname=hostname, processor_count=processor_count)
+    if config is None:
+        raise ConfigError(problems)
+    return config
+
+
+# --- showing the effective configuration ---------------------------------------------------------
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+_FROM_HOST = {"factory_name": "default: this host's name", "total_processors": "default: this host's processors"}
+
+
+def _format_section(label: str, items: list[tuple[str, Any]], sources: Mapping, derived: Mapping[str, Any]) -> list[str]:
+    lines = [f"[{label}]"]
+    width = max((len(option) for option, _ in items), default=0)
+    for option, value in items:
+        first, *rest = _as_text(value).split("\n")
+        setting = f"{option.ljust(width)} = {first}".rstrip()
+        source = sources.get((label, option), "default")
+        if source == "default" and label == "settings":
+            source = _FROM_HOST.get(option, source)
+        lines.append(f"{setting.ljust(width + 30)} ; {source}")
+        lines.extend(f"    {more}" for more in rest)
+    for option, value in derived.items():
+        lines.append(f"# {option} = {value}  (derived)")
+    return lines
+
+
+def _dataclass_items(obj: Any, prefixes: Mapping[str, str], skip: tuple = ()) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    prefix_of = {field: prefix for prefix, field in prefixes.items()}
+    for field in dataclasses.fields(obj):
+        if field.name in skip:
+            continue
+        value = getattr(obj, field.name)
+        if field.name in prefix_of:
+            items.extend((f"{prefix_of[field.name]}{suffix}", text) for suffix, text in value)
+        else:
+            items.append((field.name, value))
+    return items
+
+
+def format_effective_config(config: Config) -> str:
+    """The merged configuration as INI text; each value is followed by ``; FILE:LINE`` or
+    ``; default``. An empty value means "not set"."""
+    sources = config.sources
+    blocks = [_format_section("settings", _dataclass_items(config.settings, SETTINGS_PREFIXES), sources, {})]
+    for name, machinetype in config.machinetypes.items():
+        items = _dataclass_items(machinetype, MACHINETYPE_PREFIXES, skip=("name", "machinetype_path"))
+        blocks.append(_format_section(f"machinetype {name}", items, sources,
+                                      {"machinetype_path": machinetype.machinetype_path}))
+    for prefix, pipe in config.vacuum_pipes.items():
+        items = [("vacuum_pipe_url", pipe.vacuum_pipe_url), ("target_share", pipe.target_share), *pipe.defaults]
+        blocks.append(_format_section(f"vacuum_pipe {prefix}", items, sources, {}))
+    heading = ["# Effective vac configuration. After each value: the file:line that set it, or default.",
+               "# An empty value means the option is not set."]
+    return "\n\n".join("\n".join(block) for block in [heading, *blocks]) + "\n"
