@@ -1,0 +1,846 @@
+"""The libvirt adapter: domain and network XML, the factory network, domains and their events.
+
+Three layers, in the spirit of Nova's ``config.py`` / ``designer`` split (STANDARDS.md §A4):
+
+* XML objects (``DiskSpec``, ``InterfaceSpec``, ``MachineMetadata``, ``DomainSpec``, ``DhcpHost``,
+  ``NetworkSpec``): plain frozen dataclasses with ``to_element()``/``to_xml()`` (and
+  ``from_xml()`` where state is read back). They make no decisions.
+* Designers (``machine_domain_spec``, ``factory_network``): the policy of what a vac machine and
+  the factory network look like, from the configuration and the machine record.
+* ``Hypervisor``: a libvirt connection with lifecycle events, reconnection after a libvirtd
+  restart, idempotent destroy, and listing of vac domains with the identity stored in their XML.
+  Its methods block; vacd calls them from its thread pool.
+
+Events arrive on libvirt's native event-loop thread and are handed to the ``event_sink`` given
+to ``Hypervisor`` as ``DomainEvent`` objects; the sink must be thread-safe and quick (for example
+``loop.call_soon_threadsafe(queue.put_nowait, event)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import logging
+import os
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+import libvirt
+
+from vac import __version__
+from vac.config import Machinetype, Settings
+from vac.model import NETWORK_PREFIX, Machine, slot_ip, slot_mac, slot_name
+
+log = logging.getLogger(__name__)
+
+VAC_XML_NAMESPACE = "https://vac.invalid/xmlns/vac/1"
+ET.register_namespace("vac", VAC_XML_NAMESPACE)
+
+SMBIOS_MANUFACTURER = "Vac"
+SMBIOS_PRODUCT = "OpenStack Nova"  # what cloud-init's OpenStack detection looks for (§A5)
+SMBIOS_FAMILY = "Virtual Machine"
+MIB = 1 << 20
+
+
+class HypervisorError(Exception):
+    """A libvirt or host operation failed; ``code`` is the libvirt error code if there is one."""
+
+    def __init__(self, message: str, code: Optional[int] = None):
+        super().__init__(message)
+        self.code = code
+
+
+class NotConnectedError(HypervisorError):
+    """libvirtd cannot be reached (yet); the adapter keeps trying to reconnect."""
+
+
+class CommandError(HypervisorError):
+    """A host command (ip, qemu-img, lvcreate ...) failed or could not be run."""
+
+
+CommandRunner = Callable[[Sequence[str]], str]
+
+
+def run_command(argv: Sequence[str], timeout: float = 120.0) -> str:
+    """Run ``argv`` (never through a shell) and return its stdout; raise CommandError on failure.
+
+    The C locale keeps output parseable; LVM_SUPPRESS_FD_WARNINGS quiets LVM about inherited fds.
+    """
+    env = dict(os.environ, LC_ALL="C", LVM_SUPPRESS_FD_WARNINGS="1")
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                                env=env, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise CommandError(f"{argv[0]}: {error}") from error
+    if result.returncode != 0:
+        detail = result.stderr.strip() or result.stdout.strip() or "no output"
+        raise CommandError(f"{' '.join(argv)} failed with status {result.returncode}: {detail}")
+    return result.stdout
+
+
+# -- XML objects ---------------------------------------------------------------------------------
+
+
+def _sub(parent: ET.Element, tag: str, text: Optional[str] = None, **attributes: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attributes)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _to_text(element: ET.Element) -> str:
+    ET.indent(element)
+    return ET.tostring(element, encoding="unicode") + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskSpec:
+    """One ``<disk>``: a file or block device shown to the guest as a disk or CD-ROM."""
+
+    target: str  # vda, vdb, hdc ...
+    source: str  # file path or block device path
+    format: str = "raw"  # raw | qcow2
+    source_type: str = "file"  # file | block
+    device: str = "disk"  # disk | cdrom
+    bus: str = "virtio"  # virtio | ide
+    readonly: bool = False
+
+    def to_element(self) -> ET.Element:
+        disk = ET.Element("disk", type=self.source_type, device=self.device)
+        _sub(disk, "driver", name="qemu", type=self.format, cache="unsafe", error_policy="report")
+        _sub(disk, "source", **{"file" if self.source_type == "file" else "dev": self.source})
+        _sub(disk, "target", dev=self.target, bus=self.bus)
+        if self.readonly:
+            _sub(disk, "readonly")
+        return disk
+
+
+@dataclasses.dataclass(frozen=True)
+class InterfaceSpec:
+    """A virtio NIC on a libvirt network, optionally behind an nwfilter bound to its IP."""
+
+    network: str
+    mac: str
+    ip: Optional[str] = None  # the nwfilter's IP parameter: no learning window for spoofing
+    nwfilter: Optional[str] = "clean-traffic"
+
+    def to_element(self) -> ET.Element:
+        interface = ET.Element("interface", type="network")
+        _sub(interface, "source", network=self.network)
+        _sub(interface, "mac", address=self.mac)
+        _sub(interface, "model", type="virtio")
+        if self.nwfilter:
+            filterref = _sub(interface, "filterref", filter=self.nwfilter)
+            if self.ip:
+                _sub(filterref, "parameter", name="IP", value=self.ip)
+        return interface
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineMetadata:
+    """A vac machine's identity, stored in its domain XML so libvirt alone can tell it again."""
+
+    name: str
+    slot: int
+    machinetype: str
+    machine_model: str
+    processors: int
+    created: float
+    deadline: float
+
+    @classmethod
+    def from_machine(cls, machine: Machine) -> MachineMetadata:
+        return cls(name=machine.name, slot=machine.slot, machinetype=machine.machinetype,
+                   machine_model=machine.machine_model, processors=machine.processors,
+                   created=machine.created, deadline=machine.deadline)
+
+    def to_element(self) -> ET.Element:
+        return ET.Element(f"{{{VAC_XML_NAMESPACE}}}machine", {
+            "name": self.name, "slot": str(self.slot), "machinetype": self.machinetype,
+            "model": self.machine_model, "processors": str(self.processors),
+            "created": repr(float(self.created)), "deadline": repr(float(self.deadline))})
+
+    @classmethod
+    def from_xml(cls, text: str) -> MachineMetadata:
+        """Parse the ``<vac:machine>`` element; ValueError if it is not a complete, valid one."""
+        try:
+            element = ET.fromstring(text)
+        except ET.ParseError as error:
+            raise ValueError(f"vac metadata is not XML: {error}") from error
+        # libvirt hands the element back without its namespace; accept it either way.
+        if element.tag not in ("machine", f"{{{VAC_XML_NAMESPACE}}}machine"):
+            raise ValueError(f"vac metadata has root element {element.tag!r}")
+        try:
+            return cls(name=element.attrib["name"], slot=int(element.attrib["slot"]),
+                       machinetype=element.attrib["machinetype"],
+                       machine_model=element.attrib["model"],
+                       processors=int(element.attrib["processors"]),
+                       created=float(element.attrib["created"]),
+                       deadline=float(element.attrib["deadline"]))
+        except KeyError as error:
+            raise ValueError(f"vac metadata lacks attribute {error.args[0]!r}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSpec:
+    """A transient libvirt domain. ``kernel`` set means direct kernel boot (test guests)."""
+
+    uuid: str
+    name: str
+    domain_type: str  # kvm | qemu (| test for libvirt's test driver)
+    memory_mib: int
+    vcpus: int
+    disks: tuple[DiskSpec, ...]
+    interface: InterfaceSpec
+    console_path: str
+    metadata: MachineMetadata
+    boot_devices: tuple[str, ...] = ("hd",)
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    kernel_cmdline: Optional[str] = None
+    cpu_mode: Optional[str] = None  # None: the hypervisor's default model
+    vnc_port: Optional[int] = None  # None: no graphics
+    smbios_manufacturer: str = SMBIOS_MANUFACTURER
+    smbios_product: str = SMBIOS_PRODUCT
+    smbios_version: str = __version__
+
+    def to_element(self) -> ET.Element:
+        domain = ET.Element("domain", type=self.domain_type)
+        _sub(domain, "name", self.name)
+        _sub(domain, "uuid", self.uuid)
+        _sub(domain, "metadata").append(self.metadata.to_element())
+        _sub(domain, "memory", str(self.memory_mib), unit="MiB")
+        _sub(domain, "currentMemory", str(self.memory_mib), unit="MiB")
+        _sub(domain, "vcpu", str(self.vcpus))
+        system = _sub(_sub(domain, "sysinfo", type="smbios"), "system")
+        for name, value in (("manufacturer", self.smbios_manufacturer),
+                            ("product", self.smbios_product), ("version", self.smbios_version),
+                            ("serial", self.uuid), ("uuid", self.uuid),
+                            ("family", SMBIOS_FAMILY)):
+            _sub(system, "entry", value, name=name)
+        os_element = _sub(domain, "os")
+        _sub(os_element, "type", "hvm", arch="x86_64", machine="pc")
+        if self.kernel:
+            _sub(os_element, "kernel", self.kernel)
+            if self.initrd:
+                _sub(os_element, "initrd", self.initrd)
+            if self.kernel_cmdline:
+                _sub(os_element, "cmdline", self.kernel_cmdline)
+        else:
+            for device in self.boot_devices:
+                _sub(os_element, "boot", dev=device)
+        _sub(os_element, "smbios", mode="sysinfo")
+        features = _sub(domain, "features")
+        for feature in ("acpi", "apic", "pae"):
+            _sub(features, feature)
+        if self.cpu_mode:
+            _sub(domain, "cpu", mode=self.cpu_mode)
+        _sub(domain, "clock", offset="utc")
+        for event in ("on_poweroff", "on_reboot", "on_crash"):
+            _sub(domain, event, "destroy")
+        power = _sub(domain, "pm")
+        _sub(power, "suspend-to-mem", enabled="no")
+        _sub(power, "suspend-to-disk", enabled="no")
+        devices = _sub(domain, "devices")
+        for disk in self.disks:
+            devices.append(disk.to_element())
+        devices.append(self.interface.to_element())
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=self.console_path)
+        _sub(serial, "target", port="0")
+        if self.vnc_port is not None:
+            graphics = _sub(devices, "graphics", type="vnc", port=str(self.vnc_port),
+                            autoport="no", keymap="en-gb")
+            _sub(graphics, "listen", type="address", address="127.0.0.1")
+        _sub(devices, "memballoon", model="none")
+        return domain
+
+    def to_xml(self) -> str:
+        return _to_text(self.to_element())
+
+
+@dataclasses.dataclass(frozen=True)
+class DhcpHost:
+    mac: str
+    name: str
+    ip: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """A libvirt network with static DHCP entries only, plus addresses for the bridge itself.
+
+    ``bridge_addresses`` (CIDR strings) are not libvirt XML: ``Hypervisor.ensure_network`` puts
+    them on the bridge after starting the network (the metadata service's 169.254.169.254/32).
+    """
+
+    name: str
+    address: str
+    prefix: int
+    hosts: tuple[DhcpHost, ...] = ()
+    forward_mode: Optional[str] = "nat"  # None: isolated
+    forward_dev: Optional[str] = None
+    bridge: Optional[str] = None  # None: libvirt picks virbrN
+    dns: bool = True
+    bridge_addresses: tuple[str, ...] = ()
+
+    @property
+    def netmask(self) -> str:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix}").netmask)
+
+    def to_element(self) -> ET.Element:
+        network = ET.Element("network")
+        _sub(network, "name", self.name)
+        if self.forward_mode:
+            forward = _sub(network, "forward", mode=self.forward_mode)
+            if self.forward_dev:
+                forward.set("dev", self.forward_dev)
+        bridge_name = {"name": self.bridge} if self.bridge else {}
+        _sub(network, "bridge", **bridge_name, stp="off", delay="0")
+        _sub(network, "dns", enable="yes" if self.dns else "no")
+        ip = _sub(network, "ip", address=self.address, netmask=self.netmask)
+        dhcp = _sub(ip, "dhcp")
+        for host in self.hosts:
+            _sub(dhcp, "host", mac=host.mac, name=host.name, ip=host.ip)
+        return network
+
+    def to_xml(self) -> str:
+        return _to_text(self.to_element())
+
+    @classmethod
+    def from_xml(cls, text: str) -> NetworkSpec:
+        """The fields of this class found in a network's XML (libvirt adds more; ignored)."""
+        root = ET.fromstring(text)
+        forward = root.find("forward")
+        bridge = root.find("bridge")
+        dns = root.find("dns")
+        ip = root.find("ip")
+        if ip is None:
+            address, prefix, hosts = "", 0, ()
+        else:
+            address = ip.get("address", "")
+            if ip.get("prefix"):
+                prefix = int(ip.get("prefix"))
+            else:
+                mask = ip.get("netmask", "0.0.0.0")
+                prefix = ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen
+            hosts = tuple(DhcpHost(mac=host.get("mac", "").lower(), name=host.get("name", ""),
+                                   ip=host.get("ip", ""))
+                          for host in ip.findall("dhcp/host"))
+        return cls(name=root.findtext("name", ""), address=address, prefix=prefix, hosts=hosts,
+                   forward_mode=forward.get("mode", "nat") if forward is not None else None,
+                   forward_dev=forward.get("dev") if forward is not None else None,
+                   bridge=bridge.get("name") if bridge is not None else None,
+                   dns=dns is None or dns.get("enable", "yes") == "yes")
+
+    def satisfied_by(self, existing: NetworkSpec) -> bool:
+        """True if a network with ``existing``'s XML is this one (any bridge if ours is None)."""
+        fields = dataclasses.replace(existing, bridge_addresses=self.bridge_addresses)
+        if self.bridge is None:
+            fields = dataclasses.replace(fields, bridge=None)
+        return fields == self
+
+
+# -- designers: the policy -----------------------------------------------------------------------
+
+
+def factory_network(settings: Settings, slot_count: Optional[int] = None) -> NetworkSpec:
+    """The factory's network (ARCHITECTURE.md §5): a DHCP entry for every slot.
+
+    ``slot_count`` defaults to the processors vac may use (each machine has at least one).
+    Guests on a NAT network get dnsmasq's DNS; an isolated (test) network has none.
+    """
+    if slot_count is None:
+        slot_count = settings.total_processors or os.cpu_count() or 1
+    hosts = tuple(DhcpHost(mac=slot_mac(slot), name=slot_name(settings.factory_name, slot),
+                           ip=slot_ip(slot)) for slot in range(slot_count))
+    nat = settings.network_forward != "none"
+    return NetworkSpec(name=settings.network_name, address=settings.mjf_address,
+                       prefix=NETWORK_PREFIX, hosts=hosts,
+                       forward_mode="nat" if nat else None,
+                       forward_dev=settings.forward_dev if nat else None,
+                       bridge=settings.bridge_name, dns=nat,
+                       bridge_addresses=(f"{settings.metadata_address}/32",))
+
+
+def machine_domain_spec(machine: Machine, machinetype: Machinetype, settings: Settings,
+                        directory: str, disks: Sequence[DiskSpec]) -> DomainSpec:
+    """The domain of ``machine``, whose disks ``vac.disks.prepare_disks`` made.
+
+    KVM guests get the host CPU model (as Nova does), never host-passthrough, which fails on
+    nested hosts (TESTBED.md P2); QEMU (TCG) guests get QEMU's default CPU. The console goes to
+    ``<directory>/console.log``; VNC listens on 127.0.0.1:5900+slot.
+    """
+    boot = ("cdrom", "hd") if any(disk.device == "cdrom" for disk in disks) else ("hd",)
+    return DomainSpec(
+        uuid=machine.uuid, name=machine.name, domain_type=settings.domain_type,
+        memory_mib=settings.mb_per_processor * machine.processors, vcpus=machine.processors,
+        disks=tuple(disks),
+        interface=InterfaceSpec(network=settings.network_name, mac=slot_mac(machine.slot),
+                                ip=slot_ip(machine.slot)),
+        console_path=os.path.join(str(directory), "console.log"),
+        metadata=MachineMetadata.from_machine(machine), boot_devices=boot,
+        kernel=settings.kernel, initrd=settings.initrd, kernel_cmdline=settings.kernel_cmdline,
+        cpu_mode="host-model" if settings.domain_type == "kvm" else None,
+        vnc_port=5900 + machine.slot)
+
+
+# -- the connection ------------------------------------------------------------------------------
+
+
+class EventKind(str, enum.Enum):
+    """libvirt lifecycle events, plus the adapter's own connection events (uuid None)."""
+
+    DEFINED = "defined"
+    UNDEFINED = "undefined"
+    STARTED = "started"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    STOPPED = "stopped"
+    SHUTDOWN = "shutdown"  # the guest powered off; STOPPED follows when libvirt has cleaned up
+    PMSUSPENDED = "pmsuspended"
+    CRASHED = "crashed"
+    UNKNOWN = "unknown"
+    CONNECTION_LOST = "connection-lost"
+    RECONNECTED = "reconnected"  # events may have been missed: reconcile
+
+
+_LIFECYCLE_KINDS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: EventKind.DEFINED,
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: EventKind.UNDEFINED,
+    libvirt.VIR_DOMAIN_EVENT_STARTED: EventKind.STARTED,
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: EventKind.SUSPENDED,
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: EventKind.RESUMED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: EventKind.STOPPED,
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: EventKind.SHUTDOWN,
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: EventKind.PMSUSPENDED,
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: EventKind.CRASHED,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainEvent:
+    kind: EventKind
+    uuid: Optional[str] = None
+    name: Optional[str] = None
+    detail: int = 0  # libvirt's VIR_DOMAIN_EVENT_<KIND>_* detail code
+
+    @property
+    def stopped(self) -> bool:
+        """The domain is gone for good (a transient domain no longer exists)."""
+        return self.kind is EventKind.STOPPED
+
+
+class DomainState(str, enum.Enum):
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"  # being shut down
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+
+    @classmethod
+    def from_libvirt(cls, state: int) -> DomainState:
+        names = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
+                 "pmsuspended")
+        return cls(names[state]) if 0 <= state < len(names) else cls.NOSTATE
+
+    @property
+    def active(self) -> bool:
+        return self not in (DomainState.SHUTOFF, DomainState.CRASHED, DomainState.NOSTATE)
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainInfo:
+    uuid: str
+    name: str
+    state: DomainState
+    cpu_seconds: float
+    metadata: Optional[MachineMetadata]  # None: not a vac domain
+
+    @property
+    def active(self) -> bool:
+        return self.state.active
+
+    @property
+    def is_vac(self) -> bool:
+        return self.metadata is not None
+
+
+_event_loop_lock = threading.Lock()
+_event_loop_thread: Optional[threading.Thread] = None
+
+
+def _ignore_libvirt_error(_context: object, _error: object) -> None:
+    """libvirt prints every error to stderr by default; they are raised as exceptions anyway."""
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event implementation and run it on a daemon thread, once.
+
+    Must happen before the connection that wants events is opened (STANDARDS.md §A6).
+    """
+    global _event_loop_thread
+    with _event_loop_lock:
+        if _event_loop_thread is not None:
+            return
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop_thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_loop_thread.start()
+
+
+def _error_code(error: libvirt.libvirtError) -> int:
+    return error.get_error_code() or 0
+
+
+class Hypervisor:
+    """One libvirt connection with lifecycle events and reconnection.
+
+    ``event_sink`` is called on libvirt's event thread with every ``DomainEvent`` (all domains
+    of the connection, vac's or not), and with CONNECTION_LOST / RECONNECTED when libvirtd goes
+    away and comes back; after RECONNECTED the caller should reconcile with ``list_domains``.
+    """
+
+    RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)  # then every 10 s until close()
+
+    def __init__(self, uri: str, event_sink: Callable[[DomainEvent], None],
+                 command_runner: CommandRunner = run_command):
+        self.uri = uri
+        self.event_sink = event_sink
+        self.command_runner = command_runner
+        self._lock = threading.Lock()
+        self._conn: Optional[libvirt.virConnect] = None
+        self._closing = threading.Event()
+        self._reconnector: Optional[threading.Thread] = None
+
+    # -- connection --------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection and subscribe to events; NotConnectedError if libvirtd is down."""
+        self._closing.clear()
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._open()
+
+    def close(self) -> None:
+        """Stop reconnecting and close the connection. Idempotent."""
+        self._closing.set()
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            self._discard(conn)
+        if self._reconnector is not None:
+            self._reconnector.join(timeout=15)
+            self._reconnector = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _open(self) -> libvirt.virConnect:
+        start_event_loop()
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as error:
+            raise NotConnectedError(f"cannot connect to {self.uri}: {error}",
+                                    _error_code(error)) from error
+        try:
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                        self._on_lifecycle, None)
+        except libvirt.libvirtError as error:
+            conn.close()
+            raise NotConnectedError(f"cannot subscribe to events of {self.uri}: {error}",
+                                    _error_code(error)) from error
+        try:
+            conn.registerCloseCallback(self._on_close, None)
+            conn.setKeepAlive(5, 3)  # a hung libvirtd is detected in ~20 s
+        except libvirt.libvirtError:
+            pass  # local drivers (test:///) have neither keep-alive nor a remote end to lose
+        return conn
+
+    @staticmethod
+    def _discard(conn: libvirt.virConnect) -> None:
+        """Drop a connection's subscriptions and close it; a dead one may refuse each step."""
+        steps = [conn.unregisterCloseCallback]
+        steps += [lambda callback_id=callback_id: conn.domainEventDeregisterAny(callback_id)
+                  for callback_id in list(getattr(conn, "domainEventCallbackID", {}))]
+        for step in steps + [conn.close]:
+            try:
+                step()
+            except libvirt.libvirtError:
+                pass
+
+    def _connection(self) -> libvirt.virConnect:
+        conn = self._conn
+        if conn is None:
+            raise NotConnectedError(f"not connected to {self.uri}")
+        return conn
+
+    def _on_lifecycle(self, _conn, domain, event: int, detail: int, _opaque) -> None:
+        # Runs on libvirt's event thread: only translate and hand over.
+        kind = _LIFECYCLE_KINDS.get(event, EventKind.UNKNOWN)
+        try:
+            self.event_sink(DomainEvent(kind, domain.UUIDString(), domain.name(), detail))
+        except Exception:  # a failing sink must not kill libvirt's event thread
+            log.exception("event sink failed on %s event", kind.value)
+
+    def _on_close(self, conn, reason: int, _opaque) -> None:
+        # Runs on libvirt's event thread: libvirt calls must not happen here, so a separate
+        # thread discards the dead connection and reconnects with backoff.
+        with self._lock:
+            if self._conn is not conn:
+                return
+            self._conn = None
+            if self._closing.is_set() or (self._reconnector and self._reconnector.is_alive()):
+                return
+            self._reconnector = threading.Thread(target=self._reconnect, args=(conn, reason),
+                                                 name="libvirt-reconnect", daemon=True)
+            self._reconnector.start()
+        self.event_sink(DomainEvent(EventKind.CONNECTION_LOST, detail=reason))
+
+    def _reconnect(self, dead: libvirt.virConnect, reason: int) -> None:
+        log.warning("lost the connection to %s (reason %d); reconnecting", self.uri, reason)
+        self._discard(dead)
+        attempt = 0
+        while not self._closing.is_set():
+            try:
+                conn = self._open()
+            except NotConnectedError as error:
+                delay = self.RECONNECT_DELAYS[min(attempt, len(self.RECONNECT_DELAYS) - 1)]
+                attempt += 1
+                log.debug("reconnect attempt %d failed (%s); next in %.1f s", attempt, error, delay)
+                self._closing.wait(delay)
+                continue
+            with self._lock:
+                if self._closing.is_set():
+                    self._discard(conn)
+                    return
+                self._conn = conn
+            log.info("reconnected to %s after %d failed attempts", self.uri, attempt)
+            self.event_sink(DomainEvent(EventKind.RECONNECTED))
+            return
+
+    # -- domains -----------------------------------------------------------------------------
+
+    def _lookup(self, uuid: str) -> Optional[libvirt.virDomain]:
+        try:
+            return self._connection().lookupByUUIDString(uuid)
+        except libvirt.libvirtError as error:
+            if _error_code(error) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"cannot look up domain {uuid}: {error}",
+                                  _error_code(error)) from error
+
+    def create(self, spec: DomainSpec) -> None:
+        """Start ``spec`` as a transient domain (it disappears when it stops)."""
+        try:
+            self._connection().createXML(spec.to_xml(), libvirt.VIR_DOMAIN_START_VALIDATE)
+        except libvirt.libvirtError as error:
+            raise HypervisorError(f"cannot create domain {spec.name} ({spec.uuid}): {error}",
+                                  _error_code(error)) from error
+
+    def is_active(self, uuid: str) -> bool:
+        domain = self._lookup(uuid)
+        if domain is None:
+            return False
+        try:
+            return bool(domain.isActive())
+        except libvirt.libvirtError as error:
+            if _error_code(error) == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise HypervisorError(f"cannot query domain {uuid}: {error}",
+                                  _error_code(error)) from error
+
+    def shutdown(self, uuid: str) -> bool:
+        """Ask the guest to power off (ACPI). False if the domain was not running."""
+        domain = self._lookup(uuid)
+        if domain is None:
+            return False
+        try:
+            domain.shutdown()
+        except libvirt.libvirtError as error:
+            if _error_code(error) in (libvirt.VIR_ERR_NO_DOMAIN,
+                                      libvirt.VIR_ERR_OPERATION_INVALID):
+                return False
+            raise HypervisorError(f"cannot shut down domain {uuid}: {error}",
+                                  _error_code(error)) from error
+        return True
+
+    def destroy(self, uuid: str) -> None:
+        """Power the domain off at once and forget it. Success if it is already gone.
+
+        Error handling follows Nova's ``_destroy`` (STANDARDS.md §A4): NO_DOMAIN is success,
+        OPERATION_INVALID is success if the domain is shut off, anything else raises
+        HypervisorError (the caller retries later). A persistent domain is also undefined.
+        """
+        domain = self._lookup(uuid)
+        if domain is None:
+            return
+        try:
+            domain.destroy()
+        except libvirt.libvirtError as error:
+            code = _error_code(error)
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            if code != libvirt.VIR_ERR_OPERATION_INVALID or self.is_active(uuid):
+                raise HypervisorError(f"cannot destroy domain {uuid}: {error}", code) from error
+        try:
+            if domain.isPersistent():
+                domain.undefine()
+        except libvirt.libvirtError as error:
+            if _error_code(error) != libvirt.VIR_ERR_NO_DOMAIN:
+                raise HypervisorError(f"cannot undefine domain {uuid}: {error}",
+                                      _error_code(error)) from error
+
+    def cpu_seconds(self, uuid: str) -> Optional[float]:
+        """CPU time the domain has used, or None if it does not exist."""
+        domain = self._lookup(uuid)
+        if domain is None:
+            return None
+        try:
+            return domain.info()[4] / 1e9
+        except libvirt.libvirtError as error:
+            if _error_code(error) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"cannot read CPU time of {uuid}: {error}",
+                                  _error_code(error)) from error
+
+    def list_domains(self, include_foreign: bool = False) -> list[DomainInfo]:
+        """Every vac domain (with its metadata) on the connection, active or not.
+
+        ``include_foreign`` adds domains without vac metadata (``metadata`` None).
+        """
+        try:
+            domains = self._connection().listAllDomains(0)
+        except libvirt.libvirtError as error:
+            raise HypervisorError(f"cannot list domains: {error}", _error_code(error)) from error
+        result = []
+        for domain in domains:
+            try:
+                info = self._describe(domain)
+            except libvirt.libvirtError as error:
+                if _error_code(error) == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # vanished while we looked
+                raise HypervisorError(f"cannot describe domain: {error}",
+                                      _error_code(error)) from error
+            if info.is_vac or include_foreign:
+                result.append(info)
+        return result
+
+    @staticmethod
+    def _describe(domain: libvirt.virDomain) -> DomainInfo:
+        metadata = None
+        try:
+            text = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, VAC_XML_NAMESPACE)
+        except libvirt.libvirtError as error:
+            if _error_code(error) != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                raise
+        else:
+            try:
+                metadata = MachineMetadata.from_xml(text)
+            except ValueError as error:
+                log.warning("domain %s has unreadable vac metadata: %s", domain.name(), error)
+        state, _max_memory, _memory, _vcpus, cpu_time = domain.info()
+        return DomainInfo(uuid=domain.UUIDString(), name=domain.name(),
+                          state=DomainState.from_libvirt(state), cpu_seconds=cpu_time / 1e9,
+                          metadata=metadata)
+
+    # -- the network -------------------------------------------------------------------------
+
+    def ensure_network(self, spec: NetworkSpec) -> str:
+        """Create ``spec``'s network, or repair it, and return its bridge's name. Idempotent.
+
+        An existing network of that name with different XML (or inactive) is destroyed and
+        recreated as a transient network, unless domains are attached to it: then it is kept
+        as it is, with a warning, until a later call finds it idle.
+        """
+        conn = self._connection()
+        network = self._lookup_network(spec.name)
+        if network is not None:
+            try:
+                existing = NetworkSpec.from_xml(network.XMLDesc(0))
+                active = bool(network.isActive())
+            except (libvirt.libvirtError, ET.ParseError, ValueError) as error:
+                raise HypervisorError(f"cannot read network {spec.name}: {error}") from error
+            if active and not spec.satisfied_by(existing):
+                users = self._domains_on_network(spec.name)
+                if users:
+                    log.warning("network %s differs from the configuration but %d domains use "
+                                "it (%s); keeping it until they are gone", spec.name, len(users),
+                                ", ".join(sorted(users)[:5]))
+                else:
+                    log.warning("network %s differs from the configuration: recreating it",
+                                spec.name)
+                    self._remove_network(network)
+                    network = None
+            elif not active:
+                log.info("network %s exists but is inactive: recreating it", spec.name)
+                self._remove_network(network)
+                network = None
+        if network is None:
+            try:
+                network = conn.networkCreateXML(spec.to_xml())
+            except libvirt.libvirtError as error:
+                # Commonly another interface already carries the subnet (TESTBED.md P6).
+                raise HypervisorError(f"cannot create network {spec.name}: {error}",
+                                      _error_code(error)) from error
+        try:
+            bridge = network.bridgeName()
+        except libvirt.libvirtError as error:
+            raise HypervisorError(f"network {spec.name} has no bridge: {error}",
+                                  _error_code(error)) from error
+        for address in spec.bridge_addresses:
+            self.command_runner(["ip", "address", "replace", address, "dev", bridge])
+        return bridge
+
+    def remove_network(self, name: str) -> None:
+        """Destroy (and undefine, if persistent) the network ``name``. Success if absent."""
+        network = self._lookup_network(name)
+        if network is not None:
+            self._remove_network(network)
+
+    def _lookup_network(self, name: str) -> Optional[libvirt.virNetwork]:
+        try:
+            return self._connection().networkLookupByName(name)
+        except libvirt.libvirtError as error:
+            if _error_code(error) == libvirt.VIR_ERR_NO_NETWORK:
+                return None
+            raise HypervisorError(f"cannot look up network {name}: {error}",
+                                  _error_code(error)) from error
+
+    @staticmethod
+    def _remove_network(network: libvirt.virNetwork) -> None:
+        try:
+            if network.isActive():
+                network.destroy()
+            if network.isPersistent():
+                network.undefine()
+        except libvirt.libvirtError as error:
+            if _error_code(error) != libvirt.VIR_ERR_NO_NETWORK:
+                raise HypervisorError(f"cannot remove network: {error}",
+                                      _error_code(error)) from error
+
+    def _domains_on_network(self, name: str) -> list[str]:
+        """Names of active domains with an interface on the network ``name``."""
+        users = []
+        for domain in self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                root = ET.fromstring(domain.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
+            if any(source.get("network") == name
+                   for source in root.findall("devices/interface/source")):
+                users.append(domain.name())
+        return users
