@@ -803,3 +803,12 @@ def test_actions_order_supervision_then_creates_with_reasons():
     assert create.reason.startswith(
         f"lhcb in slot 2 with 1 processors until {clock(NOW + 86400)}: starts a new superslot"
     )
+
+
+def test_creating_machines_count_in_the_superslot_at_shutdown_time():
+    shutdown_time = int(NOW + 3600)
+    config = make_config(machinetype("lhcb", min_wallclock_seconds=600), shutdown_time=shutdown_time,
+                         processors_per_superslot=2, total_processors=2, max_probes=0)
+    starting = machine(0, "lhcb", state=MachineState.CREATING, deadline=NOW + 86400)
+    result = plan(snapshot(config, [starting], num_slots=2), random.Random(0))
+    assert [(c.processors, c.deadline) for c in creates(result)] == [(1, shutdown_time)]

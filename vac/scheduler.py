@@ -481,13 +481,7 @@ def _place(
     return None
 
 
-def _plan_creates(
-    snapshot: Snapshot,
-    rng: random.Random,
-    deadlines: Mapping[str, float],
-    leaving: set,
-    notes: list,
-) -> list:
+def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: list) -> list:
     settings = snapshot.config.settings
     now = snapshot.now
     active = [m for m in snapshot.machines if m.state in ACTIVE_STATES]
@@ -505,7 +499,10 @@ def _plan_creates(
     superslots: dict[float, int] = {}
     for machine in active:
         if machine.uuid not in leaving:
-            ends = deadlines.get(machine.uuid, machine.deadline)
+            # Deadlines beyond shutdown_time are (or will be, once running) lowered to it.
+            ends = machine.deadline
+            if settings.shutdown_time is not None:
+                ends = min(ends, settings.shutdown_time)
             superslots[ends] = superslots.get(ends, 0) + machine.processors
     space = _Space(snapshot.config, snapshot.reports, now)
     notes.extend(space.notes)
@@ -575,7 +572,6 @@ def plan(snapshot: Snapshot, rng: random.Random) -> Plan:
     """Shutdowns and deadline changes for running machines, then the machines to create."""
     notes: list[str] = []
     actions: list[Action] = []
-    deadlines: dict[str, float] = {}
     leaving: set[str] = set()
     for machine in sorted(snapshot.machines, key=lambda m: m.slot):
         if machine.state != MachineState.RUNNING:
@@ -583,9 +579,7 @@ def plan(snapshot: Snapshot, rng: random.Random) -> Plan:
         action = _supervise(machine, snapshot, notes)
         if isinstance(action, Shutdown):
             leaving.add(machine.uuid)
-        elif isinstance(action, LowerDeadline):
-            deadlines[machine.uuid] = action.deadline
         if action is not None:
             actions.append(action)
-    actions.extend(_plan_creates(snapshot, rng, deadlines, leaving, notes))
+    actions.extend(_plan_creates(snapshot, rng, leaving, notes))
     return Plan(actions=tuple(actions), notes=tuple(notes))
