@@ -161,3 +161,13 @@ def test_exit_status_of_the_real_command(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=30)
     assert done.returncode == CRITICAL
     assert done.stdout.startswith("VACD CRITICAL - vacd (pid ")
+
+
+@pytest.mark.skipif(not hasattr(configmod, "load_config"), reason="configuration loader not available")
+def test_unusable_configuration_is_unknown(tmp_path, capsys):
+    conf = tmp_path / "vac.conf"
+    conf.write_text("[settings]\nvac_space = vac01.example.org\nfactory_name = factory1.example.org\nmb_per_processor = lots\n")
+    code = check.main(["--conf", str(conf), "--conf-dir", str(tmp_path / "none"), "--run-conf", str(tmp_path / "run.conf")], now=NOW)
+    line = capsys.readouterr().out
+    assert code == UNKNOWN
+    assert line.startswith(f"VACD UNKNOWN - cannot read the configuration ({conf}:4: ") and "give --state-dir" in line

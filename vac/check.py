@@ -175,8 +175,9 @@ def _state_dir_from_config(args: argparse.Namespace) -> str:
 
     loaded, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
     if loaded is None:
-        first = problems[0] if problems else "unknown problem"
-        raise StatusError(UNKNOWN, f"cannot read the configuration ({first}); give --state-dir")
+        errors = [problem for problem in problems if problem.is_error] or problems
+        reason = errors[0] if errors else "unknown problem"
+        raise StatusError(UNKNOWN, f"cannot read the configuration ({reason}); give --state-dir")
     return loaded.settings.state_dir
 
 
