@@ -194,3 +194,15 @@ class EventRecorder:
 @pytest.fixture
 def events() -> EventRecorder:
     return EventRecorder()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Print the measurements tests recorded with ``record_property("timing", text)``."""
+    lines = [f"{report.nodeid}: {value}"
+             for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, value in getattr(report, "user_properties", ()) if name == "timing"]
+    if lines:
+        terminalreporter.section("timings")
+        for line in lines:
+            terminalreporter.write_line(line)
