@@ -217,17 +217,16 @@ def should_account(machine: Machine, machinetype: Optional[Machinetype], now: fl
 # Space-wide standings
 
 
-def _report_problem(report: MachinetypeReport, now: float) -> Optional[str]:
-    if not (math.isfinite(report.running_hs06) and report.running_hs06 >= 0):
+def _report_problem(report: MachinetypeReport) -> str:
+    """Why a report that failed the plausibility check in _Space cannot be used."""
+    if not 0.0 <= report.running_hs06 < math.inf:
         return f"running_hs06={report.running_hs06!r}"
     if report.running_machines < 0 or report.num_before_fizzle < 0:
         return (
             f"running_machines={report.running_machines} "
             f"num_before_fizzle={report.num_before_fizzle}"
         )
-    if report.shutdown_time is not None and not math.isfinite(report.shutdown_time):
-        return f"shutdown_time={report.shutdown_time!r}"
-    return None
+    return f"shutdown_time={report.shutdown_time!r}"
 
 
 class _Space:
@@ -237,36 +236,59 @@ class _Space:
         self.settings = config.settings
         self.now = now
         self.types = {n: mt for n, mt in config.machinetypes.items() if mt.target_share > 0}
-        self.score = dict.fromkeys(self.types, 0.0)
         self.young = dict.fromkeys(self.types, 0)
         self.proven: set[str] = set()
         self.abort: dict[str, MachinetypeReport] = {}
         self.notes: list[str] = []
-        seen: set[tuple[str, str]] = set()
-        for report in reports:
-            machinetype = self.types.get(report.machinetype)
-            if machinetype is None:
-                continue
-            origin = f"report from {report.factory} on {report.machinetype}"
-            key = (report.factory, report.machinetype)
-            if key in seen:
-                self.notes.append(f"ignored duplicate {origin}")
-                continue
-            seen.add(key)
-            problem = _report_problem(report, now)
-            if problem:
-                self.notes.append(f"ignored {origin}: {problem}")
-                continue
-            self.score[report.machinetype] += report.running_hs06 / machinetype.target_share
-            self.young[report.machinetype] += report.num_before_fizzle
-            if report.running_machines > report.num_before_fizzle:
-                self.proven.add(report.machinetype)
-            if is_abort(report.shutdown_message) and report.shutdown_time is not None:
-                self._note_abort(report)
+        self._sum_reports(reports)
+        # Eligibility changes only for a machinetype that gets a machine planned.
+        self.blocked = {name: self._why_blocked(name) for name in self.types}
         self.group_score: dict[str, float] = {}
         for name, machinetype in self.types.items():
             group = machinetype.effective_machinegroup
             self.group_score[group] = self.group_score.get(group, 0.0) + self.score[name]
+
+    def _sum_reports(self, reports: tuple[MachinetypeReport, ...]) -> None:
+        # The hot loop of the planner (thousands of reports): locals, one chained check.
+        hs06_sums = dict.fromkeys(self.types, 0.0)
+        young = self.young
+        factories_seen: dict[str, set[str]] = {name: set() for name in hs06_sums}
+        abort_messages: dict[str, bool] = {}  # the same few messages recur in many reports
+        inf = math.inf
+        for report in reports:
+            name = report.machinetype
+            seen = factories_seen.get(name)
+            if seen is None:
+                continue
+            if report.factory in seen:
+                self.notes.append(f"ignored duplicate report from {report.factory} on {name}")
+                continue
+            seen.add(report.factory)
+            hs06 = report.running_hs06
+            running = report.running_machines
+            num_before_fizzle = report.num_before_fizzle
+            when = report.shutdown_time
+            if not (
+                0.0 <= hs06 < inf  # also false for NaN
+                and running >= 0
+                and num_before_fizzle >= 0
+                and (when is None or -inf < when < inf)
+            ):
+                problem = _report_problem(report)
+                self.notes.append(f"ignored report from {report.factory} on {name}: {problem}")
+                continue
+            hs06_sums[name] += hs06
+            young[name] += num_before_fizzle
+            if running > num_before_fizzle:
+                self.proven.add(name)
+            message = report.shutdown_message
+            if message is not None and when is not None:
+                aborted = abort_messages.get(message)
+                if aborted is None:
+                    aborted = abort_messages[message] = is_abort(message)
+                if aborted:
+                    self._note_abort(report)
+        self.score = {name: hs06_sums[name] / mt.target_share for name, mt in self.types.items()}
 
     def _note_abort(self, report: MachinetypeReport) -> None:
         if report.shutdown_time > self.now + FUTURE_ABORT_TOLERANCE_SECONDS:
@@ -286,8 +308,9 @@ class _Space:
         self.score[name] += increment
         self.group_score[machinetype.effective_machinegroup] += increment
         self.young[name] += 1
+        self.blocked[name] = self._why_blocked(name)
 
-    def blocked_by(self, name: str) -> Optional[str]:
+    def _why_blocked(self, name: str) -> Optional[str]:
         machinetype = self.types[name]
         shutdown_time = self.settings.shutdown_time
         min_wallclock = machinetype.effective_min_wallclock_seconds
@@ -328,26 +351,19 @@ class _Space:
             last_abort_time=abort.shutdown_time if abort else None,
             last_abort_message=abort.shutdown_message if abort else None,
             last_abort_factory=abort.factory if abort else None,
-            blocked_by=self.blocked_by(name),
+            blocked_by=self.blocked[name],
         )
 
-    def ranked(self, tie_breaks: Mapping[str, float]) -> tuple[list[Machinetype], dict]:
-        """Eligible machinetypes, most starved first, and the reasons of the others."""
-        blocked = {}
-        eligible = []
-        for name, machinetype in self.types.items():
-            reason = self.blocked_by(name)
-            if reason is None:
-                eligible.append(machinetype)
-            else:
-                blocked[name] = reason
+    def ranked(self, tie_breaks: Mapping[str, float]) -> list[Machinetype]:
+        """Eligible machinetypes, most starved first."""
+        eligible = [mt for name, mt in self.types.items() if self.blocked[name] is None]
 
         def key(machinetype: Machinetype) -> tuple[float, float, float]:
             name = machinetype.name
             group = self.group_score[machinetype.effective_machinegroup]
             return (group, self.score[name], tie_breaks[name])
 
-        return sorted(eligible, key=key), blocked
+        return sorted(eligible, key=key)
 
 
 def standings(config: Config, reports: tuple[MachinetypeReport, ...], now: float) -> dict:
@@ -510,7 +526,7 @@ def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: l
     free_memory = snapshot.host.free_memory_bytes
     hs06_per_processor = settings.hs06_per_processor or DEFAULT_HS06_PER_PROCESSOR
     creates = []
-    blocked: dict = {}
+    ranked_at_all = False  # explain blocked machinetypes only if they were considered
     while True:
         free = total - running_processors
         if free <= 0:
@@ -521,7 +537,8 @@ def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: l
         if budget <= 0:
             notes.append(f"no more creation now: max_creating={settings.max_creating} reached")
             break
-        ranked, blocked = space.ranked(tie_breaks)
+        ranked = space.ranked(tie_breaks)
+        ranked_at_all = True
         placement = _place(ranked, superslots, free, snapshot)
         if placement is None:
             if ranked:
@@ -560,7 +577,8 @@ def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: l
             superslots.get(placement.deadline, 0) + placement.processors
         )
         space.add_planned(machinetype.name, placement.processors * hs06_per_processor)
-    notes.extend(blocked[name] for name in space.types if name in blocked)
+    if ranked_at_all:
+        notes.extend(reason for reason in space.blocked.values() if reason is not None)
     return creates
 
 
