@@ -606,3 +606,26 @@ def test_start_services_refuses_one_address_for_both(tmp_path):
         asyncio.run(metadata.start_services(make_settings(), {}.get,
                                             metadata_address=METADATA_HOST,
                                             mjf_address=METADATA_HOST, port=0))
+
+
+@pytest.mark.component
+def test_malformed_requests_get_400_and_a_rate_limited_log(services, caplog):
+    base = services.services.mjf_url
+    with caplog.at_level(logging.INFO, logger="vac.metadata"):
+        for garbage in (b"GARBAGE\r\n\r\n", b"GET /jobfeatures/job_id HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: -5\r\n\r\n", b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200
+                        + b"\r\n"):
+            assert status_of(raw_exchange(base, garbage, slot=1)) in (400, 431)
+    assert any(record.name == "vac.metadata.http" for record in caplog.records)
+    assert get(base, "/jobfeatures/job_id") == services.contexts[1].machine.uuid.encode()
+
+
+@pytest.mark.component
+def test_unreadable_machine_data_is_a_logged_500(services, caplog):
+    user_data = services.directory(1) / "user_data"
+    user_data.unlink()
+    os.symlink("/etc/passwd", user_data)  # symbolic links are never followed
+    with caplog.at_level(logging.ERROR, logger="vac.metadata"):
+        status, _, body = request(services.services.metadata_url, "/latest/user-data", slot=1)
+    assert status == 500 and b"root:" not in body
+    assert any("user-data" in record.getMessage() for record in caplog.records)

@@ -204,8 +204,8 @@ def path_segments(raw_path: str) -> list[str]:
             segment = urllib.parse.unquote(raw, errors="strict")
         except UnicodeDecodeError as error:
             raise BadPath(f"invalid UTF-8 in {raw[:80]!r}") from error
-        if segment in (".", "..") or any(
-                char in "/\\" or not char.isprintable() for char in segment):
+        if segment in (".", "..") or not segment.isprintable() or "/" in segment \
+                or "\\" in segment:
             raise BadPath(f"forbidden path segment {raw[:80]!r}")
         segments.append(segment)
     return segments
@@ -264,10 +264,9 @@ def _read(path: Path) -> Optional[bytes]:
     except (FileNotFoundError, NotADirectoryError):
         return None
     with os.fdopen(descriptor, "rb") as handle:
-        data = handle.read(MAX_DOCUMENT_BYTES + 1)
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise OSError(f"{path} is larger than {MAX_DOCUMENT_BYTES} bytes")
-    return data
+        if os.fstat(descriptor).st_size > MAX_DOCUMENT_BYTES:
+            raise OSError(f"{path} is larger than {MAX_DOCUMENT_BYTES} bytes")
+        return handle.read(MAX_DOCUMENT_BYTES)
 
 
 def _public_key(context: MachineContext) -> Optional[str]:
@@ -353,7 +352,7 @@ def _status(status: int, reason: str) -> web.Response:
 
 
 def _json(document: dict) -> web.Response:
-    return _text(json.dumps(document, indent=1, sort_keys=True), "application/json")
+    return _text(json.dumps(document, sort_keys=True), "application/json")
 
 
 class _Service:
@@ -388,7 +387,13 @@ class _Service:
         who, context = self._identify(request)
         status = 500
         try:
-            response = await self.handle(request, context)
+            try:
+                response = await self.handle(request, context)
+            except ConnectionError:
+                raise  # the client went away: nothing to answer
+            except OSError as error:  # the machine's files: unreadable, too big, disk trouble
+                log.error("%s: %s %s: %s", self.name, who, request.raw_path[:200], error)
+                response = _status(500, "this machine's data cannot be read")
             status = response.status
             return response
         finally:
