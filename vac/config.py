@@ -783,14 +783,12 @@ def _section_of(block: _Block, problems: list[Problem]) -> Optional[tuple[str, s
 
 def _unknown_option_message(kind: str, option: str, known: Mapping[str, Any]) -> str:
     message = "unknown option ignored"
-    close = difflib.get_close_matches(option, list(known), n=1)
-    if close:
-        return f"{message} (did you mean {close[0]}?)"
     if kind != "settings" and option in SETTINGS_OPTIONS:
         return f"{message} (it is a [settings] option)"
     if kind == "settings" and option in MACHINETYPE_OPTIONS:
         return f"{message} (it is a [machinetype NAME] option)"
-    return message
+    close = difflib.get_close_matches(option, list(known), n=1)
+    return f"{message} (did you mean {close[0]}?)" if close else message
 
 
 def _merge(files: list[tuple[str, list[_Block]]], problems: list[Problem]) -> dict[tuple[str, str], _Section]:
@@ -921,8 +919,14 @@ class _Host:
 
 @functools.lru_cache(maxsize=1)
 def _detected_fqdn() -> str:
-    # getfqdn may ask DNS; the daemon reloads every cycle, so ask once per process.
-    return socket.getfqdn()
+    """The host name if it is qualified (as the classic factory required), else what DNS says.
+
+    Asked once per process: getfqdn may query DNS, and the daemon reloads every cycle."""
+    name = socket.gethostname()
+    if "." in name:
+        return name
+    qualified = socket.getfqdn(name)
+    return qualified if "." in qualified else name
 
 
 def _parse_factory(entry: str, factory_name: str) -> FactoryAddress:
@@ -1090,6 +1094,9 @@ def build_machinetype(
 # --- loading -------------------------------------------------------------------------------------
 
 
+_UNUSABLE_SETTINGS = Settings(vac_space="invalid.invalid", factory_name="invalid.invalid")
+
+
 def load_config(
     paths: Optional[ConfigPaths] = None,
     *,
@@ -1129,9 +1136,10 @@ def load_config(
             pipe = _build_pipe(section, problems, sources)
             if pipe is not None:
                 vacuum_pipes[name] = pipe
-        elif kind == "machinetype" and settings is not None:
-            # A [machinetype PREFIX-SUFFIX] section may only override a pipe's values.
-            machinetype = _build_machinetype(section, settings, problems, sources,
+        elif kind == "machinetype":
+            # A [machinetype PREFIX-SUFFIX] section may only override a pipe's values. Without
+            # usable settings the section is still checked, so that all errors are reported.
+            machinetype = _build_machinetype(section, settings or _UNUSABLE_SETTINGS, problems, sources,
                                              require_images=not name.startswith(pipe_prefixes))
             if machinetype is not None:
                 machinetypes[name] = machinetype
