@@ -2,9 +2,14 @@
 (the metadata/MJF HTTP services need a real asyncio HTTP server with bounded bodies,
 timeouts and keep-alive; hand-writing one would be less safe)."""
 
+import os
+import sys
+
 from setuptools import find_packages, setup
 
-from vac import __version__
+# PEP 517 builds (pip install -e .) do not put the project directory on sys.path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vac import __version__  # noqa: E402
 
 setup(
     name="vac",
