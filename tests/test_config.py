@@ -114,9 +114,11 @@ def test_only_visible_conf_files_of_the_directory_are_read(space):
     space.fragment(".30-hidden.conf", "garbage without a section\n")
     space.fragment("README", "garbage without a section\n")
     (space.conf_dir / "40-dir.conf").mkdir()
+    os.mkfifo(space.conf_dir / "50-fifo.conf")
     config, problems = space.load()
     assert config is not None
-    assert warnings(problems) == [f"{space.conf_dir}/40-dir.conf: is a directory; ignored"]
+    assert warnings(problems) == [f"{space.conf_dir}/40-dir.conf: is a directory; ignored",
+                                  f"{space.conf_dir}/50-fifo.conf: is not a regular file; ignored"]
 
 
 def test_missing_locations_are_skipped(tmp_path):
@@ -187,11 +189,13 @@ def test_classic_ini_syntax(space):
     ("[settings]\nvac_space\n", 2, "expected 'option = value' or a [section] header, not 'vac_space'"),
     ("[settings]\n= x.org\n", 2, "expected 'option = value' or a [section] header, not '= x.org'"),
     ("[]\n", 1, "malformed section header '[]'"),
+    ("[settings]\nvac_space = x.org\n[bad header\noption = dropped\n", 3, "malformed section header '[bad header'"),
 ])
 def test_malformed_lines(space, text, line, message):
     path = space.write(space.main, text)
     _, problems = space.load()
     assert f"{path}:{line}: {message}" in errors(problems)
+    assert not any("dropped" in str(problem) for problem in problems)
 
 
 # --- defaults and every option's type ------------------------------------------------------------

@@ -385,7 +385,7 @@ def _ip_address_or_all(text: str) -> str:
 
 
 def _port(text: str) -> int:
-    return _integer(1, 65535)(text)
+    return _integer(0, 65535)(text)  # 0: any free port (tests, several daemons on one host)
 
 
 def _dns_name(text: str) -> str:
@@ -617,14 +617,12 @@ def _deprecation_kind(kind: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Value:
     text: str
-    file: Optional[str]
-    line: Optional[int]
+    file: str
+    line: int  # 0: not from a file with lines (build_machinetype)
     written_as: str  # the option name in the file (a deprecated name, say)
 
     @property
     def where(self) -> str:
-        if self.file is None:
-            return "default"
         return f"{self.file}:{self.line}" if self.line else self.file
 
 
@@ -665,7 +663,7 @@ def _parse_ini(text: str, file: str, problems: list[Problem]) -> list[_Block]:
             match = _HEADER.match(stripped)
             if not match or not match.group(1).strip():
                 problems.append(Problem(ERROR, f"malformed section header {stripped!r}", file, number))
-                current = None
+                current = _Block(stripped, file, number)  # its options are read but dropped
                 continue
             current = _Block(match.group(1).strip(), file, number)
             blocks.append(current)
@@ -721,6 +719,9 @@ def _files_to_read(paths: ConfigPaths, problems: list[Problem]) -> list[tuple[st
             path = os.path.join(paths.conf_dir, entry)
             if os.path.isdir(path):
                 problems.append(Problem(WARNING, "is a directory; ignored", path))
+            elif os.path.exists(path) and not os.path.isfile(path):
+                # A FIFO or device would block or never end: every reload would hang.
+                problems.append(Problem(WARNING, "is not a regular file; ignored", path))
             else:
                 files.append((path, False))
     files.append((paths.main_conf, True))
