@@ -26,7 +26,7 @@ setup(
         "requests",
         "pyOpenSSL",
         "python-daemon",
-        "aiohttp",
+        "aiohttp>=3.9",  # handler_cancellation and BaseRunner shutdown_timeout (vac.metadata)
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff"],

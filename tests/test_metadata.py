@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -629,3 +630,62 @@ def test_unreadable_machine_data_is_a_logged_500(services, caplog):
         status, _, body = request(services.services.metadata_url, "/latest/user-data", slot=1)
     assert status == 500 and b"root:" not in body
     assert any("user-data" in record.getMessage() for record in caplog.records)
+
+
+CLOUD_INIT_READER = r"""
+import json, sys
+import urllib3.util.connection as connection
+base, source_address = sys.argv[1], sys.argv[2]
+connect = connection.create_connection
+def from_the_machine(address, *args, **kwargs):
+    if not address[0].startswith("127."):
+        raise OSError("test guard: only loopback, not %s" % (address,))
+    kwargs["source_address"] = (source_address, 0)
+    return connect(address, *args, **kwargs)
+connection.create_connection = from_the_machine
+from cloudinit.sources.helpers import ec2, openstack
+reader = openstack.MetadataReader(base, timeout=5, retries=0)
+reader._read_ec2_metadata = lambda: ec2.get_instance_metadata(
+    metadata_address=base, timeout=5, retries=0)
+result = reader.read_v2()
+mac = result["networkdata"]["links"][0]["ethernet_mac_address"]
+print(json.dumps({
+    "metadata": result["metadata"], "userdata": result["userdata"].decode(),
+    "vendordata": result["vendordata"], "vendordata2": result["vendordata2"],
+    "network": openstack.convert_net_json(result["networkdata"], known_macs={mac: "eth0"}),
+    "ec2": result["ec2-metadata"],
+    "ec2_user_data": ec2.get_instance_userdata(
+        api_version="2009-04-04", metadata_address=base, timeout=5, retries=0).decode(),
+}, sort_keys=True))
+"""
+
+
+def _system_cloud_init() -> bool:
+    try:
+        return subprocess.run(["/usr/bin/python3", "-c", "import cloudinit"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.component
+@pytest.mark.skipif(not _system_cloud_init(),
+                    reason="cloud-init (Debian package cloud-init) not installed")
+def test_real_cloud_init_readers(services):
+    """cloud-init's own OpenStack and EC2 metadata readers against the service."""
+    completed = subprocess.run(
+        ["/usr/bin/python3", "-c", CLOUD_INIT_READER, services.services.metadata_url, source(1)],
+        capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    machine = services.contexts[1].machine
+    assert result["metadata"]["instance-id"] == machine.uuid
+    assert result["metadata"]["local-hostname"] == machine.name
+    assert result["metadata"]["public_keys"] == {"0": KEY}
+    assert result["metadata"]["meta"]["machinetype"] == "lhcb"
+    assert result["userdata"] == result["ec2_user_data"] == "#!/bin/sh\necho slot 1\n"
+    assert result["vendordata"] == {} and result["vendordata2"] == {}
+    assert result["network"]["config"] == [{"mac_address": machine.mac, "name": "eth0",
+                                            "subnets": [{"type": "dhcp4"}], "type": "physical"}]
+    assert result["ec2"]["instance-id"] == machine.uuid
+    assert result["ec2"]["public-keys"] == {"root": [KEY]}

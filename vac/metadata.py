@@ -682,7 +682,7 @@ async def _serve(app: web.Application, address: str, port: int, limits: Limits
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=limits.idle_timeout_seconds,
                            lingering_time=LINGER_SECONDS, handler_cancellation=True,
-                           logger=http_log)
+                           logger=http_log, shutdown_timeout=5.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, address, port, backlog=256, reuse_address=True).start()
