@@ -893,7 +893,8 @@ class _Builder:
         return self.section.values.get(option)
 
 
-def _field_defaults(cls: type) -> dict[str, Any]:
+@functools.cache
+def _field_defaults(cls: type) -> Mapping[str, Any]:
     return {field.name: field.default for field in dataclasses.fields(cls)}
 
 

@@ -184,9 +184,6 @@ class Store:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def remove_disks(self, machine: Machine) -> None:
-        shutil.rmtree(self.machine_dir(machine) / "disks", ignore_errors=True)
-
     def expire_machine_dirs(self, live_uuids: Iterable[str], days_for: dict[str, float],
                             default_days: float, now: float) -> list[Path]:
         """Delete finished machine directories older than their machinetype's

@@ -1,0 +1,91 @@
+"""Recording fakes for the adapters (supervisor-style), so the daemon's cycle runs without libvirt."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class FakeDomain:
+    uuid: str
+    name: str
+    active: bool = True
+    cpu_seconds: float = 0.0
+    is_vac: bool = True
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeWorks:
+    """Stands in for vac.machines.MachineWorks; records every call in ``calls``."""
+
+    instances: list = []
+
+    def __init__(self, store, settings, on_stopped):
+        self.store = store
+        self.settings = settings
+        self.on_stopped = on_stopped
+        self.domains: dict[str, FakeDomain] = {}
+        self.calls: list[tuple] = []
+        self.fail_creates = 0
+        self.acpi_works = True
+        FakeWorks.instances.append(self)
+
+    def connect(self):
+        self.calls.append(("connect",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+    def list_domains(self):
+        return list(self.domains.values())
+
+    def is_active(self, uuid):
+        domain = self.domains.get(uuid)
+        return domain is not None and domain.active
+
+    def create(self, machine, machinetype, settings):
+        self.calls.append(("create", machine.name, machinetype.name, machine.processors))
+        self.store.create_machine_dir(machine)
+        if self.fail_creates:
+            self.fail_creates -= 1
+            raise RuntimeError("fake creation failure")
+        self.domains[machine.uuid] = FakeDomain(machine.uuid, machine.name)
+
+    def shutdown(self, uuid):
+        self.calls.append(("shutdown", uuid))
+        if self.acpi_works and uuid in self.domains:
+            self.domains[uuid].active = False
+
+    def destroy(self, uuid):
+        self.calls.append(("destroy", uuid))
+        if uuid in self.domains:
+            self.domains[uuid].active = False
+
+    def lower_deadline(self, machine):
+        self.calls.append(("lower_deadline", machine.name, machine.deadline))
+
+    def account(self, settings, machinetype, machine, end):
+        self.calls.append(("account", machine.uuid, end))
+
+    def release(self, machine, settings):
+        self.calls.append(("release", machine.name))
+
+    # -- test controls -----------------------------------------------------------------------
+
+    def power_off(self, uuid, *, notify=True):
+        self.domains[uuid].active = False
+        if notify:
+            self.on_stopped(uuid)
+
+    def named(self, call):
+        return [entry for entry in self.calls if entry[0] == call]

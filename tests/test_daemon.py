@@ -1,0 +1,274 @@
+"""The daemon's cycle with the real planner and store, and a recording fake for libvirt."""
+
+import asyncio
+import json
+
+import pytest
+
+from tests.fakes import FakeClock, FakeWorks
+from vac import config as configmod
+from vac.daemon import Factory
+from vac.model import MachineState
+from vac.scheduler import HostFacts
+
+pytestmark = pytest.mark.component  # binds the metadata services on loopback
+
+BASE_CONFIG = """
+[settings]
+vac_space = space.example.org
+factory_name = f1.example.org
+state_dir = {state}
+total_processors = {processors}
+stop_grace_seconds = 0.5
+metadata_address = 127.0.0.1
+mjf_address = 127.0.0.2
+http_port = 0
+vacquery_address = 127.0.0.1
+vacquery_port = 0
+{extra}
+
+[machinetype lhcb]
+target_share = 1
+root_image = /images/lhcb.iso
+user_data = /images/lhcb.user_data
+max_wallclock_seconds = 3600
+fizzle_seconds = 60
+backoff_seconds = 600
+{machinetype_extra}
+"""
+
+
+def write_config(tmp_path, processors=2, extra="", machinetype_extra=""):
+    conf_dir = tmp_path / "vac.d"
+    conf_dir.mkdir(exist_ok=True)
+    (conf_dir / "10-test.conf").write_text(
+        BASE_CONFIG.format(state=tmp_path / "state", processors=processors, extra=extra,
+                           machinetype_extra=machinetype_extra))
+    return configmod.ConfigPaths(conf_dir=str(conf_dir), main_conf=str(tmp_path / "none.conf"),
+                                 run_confs=(str(tmp_path / "run.conf"),))
+
+
+async def settle(factory):
+    """Let background steps finish and the cycle catch up (bounded)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+        if factory.tasks:
+            await asyncio.gather(*list(factory.tasks), return_exceptions=True)
+        elif not factory.wake.is_set():
+            return
+        factory.wake.clear()
+        await factory.cycle(reconcile=False)
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+IDLE_HOST = HostFacts(processors=8, load_averages=(0.0, 0.0, 0.0),
+                      state_dir_free_bytes=100 << 30, free_memory_bytes=100 << 30)
+
+
+def idle_host(_store):
+    return IDLE_HOST
+
+
+def make_factory(tmp_path, clock, **kwargs):
+    FakeWorks.instances.clear()
+    return Factory(write_config(tmp_path, **kwargs), clock=clock, works_factory=FakeWorks,
+                   host_facts=idle_host, processor_count=8)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_fills_free_processors_and_refills_a_slot_after_poweroff(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        assert [call[1] for call in works.named("create")] == ["f1-00.example.org",
+                                                               "f1-01.example.org"]
+        assert all(m.state is MachineState.RUNNING for m in factory.machines.values())
+        first = next(m for m in factory.machines.values() if m.slot == 0)
+        clock.advance(120)
+        works.power_off(first.uuid)
+        await asyncio.sleep(0)
+        await settle(factory)
+        assert works.named("account") == [("account", first.uuid, clock.now)]
+        assert ("release", first.name) in works.calls
+        record = json.loads((factory.store.machine_dir(first) / "machine.json").read_text())
+        assert record["machine"]["state"] == "finished"
+        # The freed slot 0 is used again by a new machine.
+        creates = [call[1] for call in works.named("create")]
+        assert creates[-1] == "f1-00.example.org" and len(creates) == 3
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_no_more_work_backs_off_the_machinetype(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock, processors=1)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        machine = next(iter(factory.machines.values()))
+        factory.store.write_file(machine, "joboutputs/shutdown_message", "300 No more work")
+        clock.advance(120)
+        works.power_off(machine.uuid)
+        await asyncio.sleep(0)
+        await settle(factory)
+        assert len(works.named("create")) == 1, "in backoff: nothing new"
+        assert factory.finishes["lhcb"].shutdown_message == "300 No more work"
+        clock.advance(601)
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        assert len(works.named("create")) == 2, "backoff over"
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_fizzled_machine_without_message_is_not_accounted_and_backs_off(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock, processors=1)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        machine = next(iter(factory.machines.values()))
+        clock.advance(10)
+        works.power_off(machine.uuid)
+        await asyncio.sleep(0)
+        await settle(factory)
+        assert works.named("account") == []
+        message = (factory.store.machine_dir(machine) / "joboutputs" / "shutdown_message").read_text()
+        assert message.startswith("300 Vac detects fizzle after 10 seconds")
+        assert len(works.named("create")) == 1
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_stalled_heartbeat_is_killed_with_700(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock, processors=1,
+                               machinetype_extra="heartbeat_file = heartbeat\nheartbeat_seconds = 300")
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        machine = next(iter(factory.machines.values()))
+        clock.advance(400)  # past fizzle_seconds and heartbeat_seconds: no heartbeat file at all
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        assert ("shutdown", machine.uuid) in works.calls
+        message = (factory.store.machine_dir(machine) / "joboutputs" / "shutdown_message").read_text()
+        assert message.startswith("700 Heartbeat file not")
+        assert machine.uuid not in factory.machines
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_deadline_destroys_after_grace_when_acpi_is_ignored(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock, processors=1)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        works.acpi_works = False
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        machine = next(iter(factory.machines.values()))
+        factory.store.write_file(machine, "joboutputs/heartbeat", "ok")
+        clock.advance(3601)
+        factory.config = factory.config.replace(settings=factory.config.settings)
+        await factory.cycle(reconcile=False)
+        await asyncio.wait_for(settle(factory), 20)
+        assert ("shutdown", machine.uuid) in works.calls
+        assert ("destroy", machine.uuid) in works.calls
+        assert machine.uuid not in factory.machines
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_restart_adopts_running_and_finishes_vanished_exactly_once(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        clock.advance(120)
+        await factory.cycle(reconcile=True)  # records a heartbeat: they ran 120 s
+        survivor, vanished = sorted(factory.machines.values(), key=lambda m: m.slot)
+        domains = dict(works.domains)
+        await factory.shutdown()  # as after kill -9: nothing finished, nothing cleaned
+        clock.advance(300)
+
+        restarted = Factory(factory.paths, clock=clock, works_factory=FakeWorks,
+                            host_facts=idle_host, processor_count=8)
+        FakeWorks.instances.clear()
+        original_init = FakeWorks.__init__
+
+        def with_domains(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self.domains = domains
+
+        FakeWorks.__init__ = with_domains
+        try:
+            domains[vanished.uuid].active = False
+            await restarted.start()
+        finally:
+            FakeWorks.__init__ = original_init
+        works = FakeWorks.instances[-1]
+        assert restarted.machines[survivor.uuid].state is MachineState.RUNNING
+        await restarted.cycle(reconcile=True)
+        await settle(restarted)
+        assert [call[1] for call in works.named("account")] == [vanished.uuid]
+        await restarted.cycle(reconcile=True)
+        await settle(restarted)
+        assert [call[1] for call in works.named("account")] == [vanished.uuid]
+        await restarted.shutdown()
+
+    run(scenario())
+
+
+def test_zombie_domain_is_destroyed(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock, processors=1)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        from tests.fakes import FakeDomain
+
+        works.domains["zombie"] = FakeDomain("zombie", "f1-07.example.org")
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        assert ("destroy", "zombie") in works.calls
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_creation_failure_is_reported_and_backs_off(tmp_path, clock):
+    async def scenario():
+        factory = make_factory(tmp_path, clock, processors=1)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        works.fail_creates = 1
+        await factory.cycle(reconcile=True)
+        await settle(factory)
+        status = json.loads((tmp_path / "state" / "status.json").read_text())
+        assert "fake creation failure" in status["last_creation_error"]
+        assert factory.finishes["lhcb"].shutdown_message.startswith("500 Vac could not create")
+        assert works.named("account") == []
+        assert len(works.named("create")) == 1
+        await factory.shutdown()
+
+    run(scenario())

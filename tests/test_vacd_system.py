@@ -1,0 +1,278 @@
+"""System tier: the whole vacd (a real process) on real libvirtd + QEMU booting the test guest.
+
+Each scenario starts vacd with its own configuration and state directory on an isolated test
+network, scripts the guests through their user_data (``vac-put NAME VALUE`` uploads to MJF
+joboutputs), and watches the outcome where an administrator would: the machine records, the
+joboutputs, the APEL archive and the logs. At most two guests run at once; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+pytestmark = pytest.mark.system
+
+FACTORY = "vacd-test.example.org"
+BOOT_SECONDS = 120  # generous: TCG boots take ~5-10 s, slower when the machine is busy
+
+GOOD_SCRIPT = """#!/bin/sh
+vac-put heartbeat alive
+sleep 3
+vac-put shutdown_message "200 Success from ##user_data_uuid##"
+"""
+NO_WORK_SCRIPT = """#!/bin/sh
+vac-put shutdown_message "300 No more work"
+"""
+STALL_SCRIPT = """#!/bin/sh
+vac-put heartbeat alive
+sleep 100000
+"""
+FOREVER_SCRIPT = """#!/bin/sh
+while :; do vac-put heartbeat alive; sleep 2; done
+"""
+SLOW_SCRIPT = """#!/bin/sh
+vac-put heartbeat alive
+sleep 25
+vac-put shutdown_message "200 Success"
+"""
+
+
+class Vacd:
+    """One vacd process with its configuration, state directory and log."""
+
+    def __init__(self, tmp_path: Path, guest, names, machinetype_options: str, *,
+                 processors: int = 1, port: int = 19995):
+        self.tmp = tmp_path
+        self.state = tmp_path / "state"
+        self.conf_dir = tmp_path / "vac.d"
+        self.conf_dir.mkdir(exist_ok=True)
+        self.log = tmp_path / "vacd.log"
+        self.process = None
+        (tmp_path / "user_data").write_text(machinetype_options.split("\n#SCRIPT\n")[1])
+        options = machinetype_options.split("\n#SCRIPT\n")[0]
+        (self.conf_dir / "10-test.conf").write_text(f"""
+[settings]
+vac_space = space.example.org
+factory_name = {FACTORY}
+factories = {FACTORY}@127.0.0.1:{port}
+gocdb_sitename = TEST-SITE
+hs06_per_processor = 10
+state_dir = {self.state}
+libvirt_uri = qemu:///system
+domain_type = qemu
+network_name = {names.network}
+bridge_name = {names.bridge}
+network_forward = none
+vacquery_address = 127.0.0.1
+vacquery_port = {port}
+total_processors = {processors}
+mb_per_processor = 96
+disk_gb_per_processor = 1
+root_public_key = {tmp_path}/no-key.pub
+stop_grace_seconds = 3
+reconcile_seconds = 3
+kernel = {guest.kernel}
+initrd = {guest.initrd}
+kernel_cmdline = {guest.cmdline}
+
+[machinetype test]
+target_share = 1
+machine_model = cernvm3
+root_image = {guest.iso}
+user_data = {tmp_path}/user_data
+{options}
+""")
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "vac.daemon", "--conf-dir", str(self.conf_dir),
+                "--conf", str(self.tmp / "absent.conf"), "--run-conf", str(self.tmp / "run.conf"),
+                "--log-file", str(self.log), "--debug"]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def kill(self, signum=signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def records(self) -> list[dict]:
+        found = []
+        for path in sorted((self.state / "machines").glob("*/machine.json")):
+            try:
+                found.append(json.loads(path.read_text())["machine"] | {"dir": str(path.parent)})
+            except (OSError, ValueError):
+                continue  # being replaced right now
+        return found
+
+    def wait_for(self, what: str, predicate, timeout: float = BOOT_SECONDS):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                pytest.fail(f"vacd exited with {self.process.returncode} while waiting for "
+                            f"{what}:\n{self.log_text()}")
+            result = predicate()
+            if result:
+                return result
+            time.sleep(0.3)
+        pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()[-6000:]
+        except OSError:
+            return "(no log)"
+
+    def machines_in(self, state: str) -> list[dict]:
+        return [record for record in self.records() if record["state"] == state]
+
+    def shutdown_message(self, record: dict):
+        path = Path(record["dir"]) / "joboutputs" / "shutdown_message"
+        return path.read_text() if path.exists() else None
+
+    def apel_records(self) -> list[str]:
+        return sorted(str(path) for path in (self.state / "apel-archive").rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def vacd_factory(tmp_path, system_guest, system_network_names):
+    started = []
+
+    def make(options: str, **kwargs) -> Vacd:
+        vacd = Vacd(tmp_path, system_guest, system_network_names, options, **kwargs)
+        started.append(vacd)
+        return vacd
+
+    yield make
+    for vacd in started:
+        vacd.kill(signal.SIGTERM)
+        conn = libvirt.open("qemu:///system")
+        try:
+            for record in vacd.records():
+                try:
+                    conn.lookupByUUIDString(record["uuid"]).destroy()
+                except libvirt.libvirtError:
+                    pass
+        finally:
+            conn.close()
+
+
+def test_a_vm_runs_finishes_cleanly_and_the_slot_is_reused(vacd_factory):
+    vacd = vacd_factory("fizzle_seconds = 1\n#SCRIPT\n" + GOOD_SCRIPT)
+    vacd.start()
+    first = vacd.wait_for("a finished machine", lambda: vacd.machines_in("finished"))[0]
+    message = vacd.shutdown_message(first)
+    assert message == f"200 Success from {first['uuid']}"
+    assert (Path(first["dir"]) / "joboutputs" / "heartbeat").read_text() == "alive"
+    user_data = Path(first["dir"]) / "user_data"
+    assert user_data.stat().st_mode & 0o077 == 0, "user_data must be readable by root only"
+    console = (Path(first["dir"]) / "console.log").read_text(errors="replace")
+    assert "GUEST" in console
+    # Exactly one APEL record for it, and the same slot runs the next machine.
+    vacd.wait_for("an APEL archive record", vacd.apel_records, timeout=10)
+    assert sum(first["uuid"] in Path(path).read_text() for path in vacd.apel_records()) == 1
+    second = vacd.wait_for("the next machine in slot 0", lambda: [
+        r for r in vacd.records() if r["uuid"] != first["uuid"] and r["slot"] == 0])[0]
+    assert second["machinetype"] == "test"
+
+
+def test_no_more_work_backs_the_machinetype_off(vacd_factory):
+    vacd = vacd_factory("fizzle_seconds = 1\nbackoff_seconds = 3600\n#SCRIPT\n" + NO_WORK_SCRIPT)
+    vacd.start()
+    vacd.wait_for("a finished machine", lambda: vacd.machines_in("finished"))
+    time.sleep(8)  # several cycles: nothing new may start
+    assert len(vacd.records()) == 1
+    assert "backoff" in vacd.log_text()
+
+
+def test_a_vm_that_stops_heartbeating_is_killed_with_700(vacd_factory):
+    vacd = vacd_factory("fizzle_seconds = 2\nheartbeat_file = heartbeat\nheartbeat_seconds = 6\n"
+                        "backoff_seconds = 3600\n#SCRIPT\n" + STALL_SCRIPT)
+    vacd.start()
+    record = vacd.wait_for("a finished machine", lambda: vacd.machines_in("finished"))[0]
+    assert vacd.shutdown_message(record) == "700 Heartbeat file not updated"
+
+
+def test_a_vm_past_its_wallclock_is_shut_down(vacd_factory):
+    vacd = vacd_factory("max_wallclock_seconds = 25\nmin_wallclock_seconds = 25\nfizzle_seconds = 1\n"
+                        "#SCRIPT\n" + FOREVER_SCRIPT)
+    vacd.start()
+    record = vacd.wait_for("a finished machine", lambda: vacd.machines_in("finished"))[0]
+    ran = record["finished"] - record["started"]
+    assert 20 <= ran <= 25 + BOOT_SECONDS
+    assert "shutting down" in vacd.log_text()
+
+
+def test_kill_9_and_restart_adopts_running_vms_and_accounts_each_once(vacd_factory):
+    vacd = vacd_factory("fizzle_seconds = 1\n#SCRIPT\n" + SLOW_SCRIPT)
+    vacd.start()
+    running = vacd.wait_for("a running machine", lambda: vacd.machines_in("running"))[0]
+    vacd.kill()  # kill -9 while the VM runs
+    conn = libvirt.open("qemu:///system")
+    try:
+        assert conn.lookupByUUIDString(running["uuid"]).isActive()
+    finally:
+        conn.close()
+    vacd.start()
+    vacd.wait_for("the adopted machine to finish", lambda: [
+        r for r in vacd.machines_in("finished") if r["uuid"] == running["uuid"]])
+    assert "recovered 1 live machines" in vacd.log_text()
+    vacd.wait_for("its APEL record", lambda: [p for p in vacd.apel_records()
+                                              if running["uuid"] in Path(p).read_text()], timeout=10)
+    later = vacd.wait_for("a second machine", lambda: [
+        r for r in vacd.machines_in("running") if r["uuid"] != running["uuid"]])[0]
+    # Kill -9 again; this VM finishes while vacd is down, and is finished once after restart.
+    vacd.kill()
+    deadline = time.monotonic() + BOOT_SECONDS
+    conn = libvirt.open("qemu:///system")
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if not conn.lookupByUUIDString(later["uuid"]).isActive():
+                    break
+            except libvirt.libvirtError:
+                break
+            time.sleep(0.5)
+    finally:
+        conn.close()
+    vacd.start()
+    vacd.wait_for("the machine that ended while vacd was down to be finished", lambda: [
+        r for r in vacd.machines_in("finished") if r["uuid"] == later["uuid"]])
+    time.sleep(4)
+    for uuid in (running["uuid"], later["uuid"]):
+        assert sum(uuid in Path(p).read_text() for p in vacd.apel_records()) == 1
+
+
+def test_vacd_survives_a_libvirtd_restart(vacd_factory):
+    pid_file = Path(os.environ.get("VAC_TESTBED_STATE", "/run/vac-testbed")) / "libvirtd.pid"
+    if not pid_file.exists():
+        pytest.skip("libvirtd was not started by scripts/testbed-up: not ours to restart")
+    vacd = vacd_factory("fizzle_seconds = 1\n#SCRIPT\n" + SLOW_SCRIPT)
+    vacd.start()
+    running = vacd.wait_for("a running machine", lambda: vacd.machines_in("running"))[0]
+    pid = int(pid_file.read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    subprocess.run(["/usr/sbin/libvirtd", "-d"], check=True)
+    for _ in range(200):
+        if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    pid_file.write_text(Path("/run/libvirtd.pid").read_text())
+    vacd.wait_for("the machine to finish after the libvirtd restart", lambda: [
+        r for r in vacd.machines_in("finished") if r["uuid"] == running["uuid"]])
+    vacd.wait_for("a new machine after the restart", lambda: [
+        r for r in vacd.records() if r["uuid"] != running["uuid"]])

@@ -1,0 +1,600 @@
+"""vacd: the factory daemon. One asyncio process wiring the pure planner to the adapters.
+
+The loop: every relevant event (a domain stopped, a creation finished, SIGHUP) and every
+``reconcile_seconds`` run one *cycle*: reload configuration, reconcile the model with libvirt,
+finish machines that ended, plan, apply the plan. Blocking work (libvirt, disks, template and
+image downloads) runs in a small thread pool so the responder and HTTP services never stall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import uuid as uuidlib
+from typing import Callable, Optional
+
+from vac import __version__, scheduler
+from vac import config as configmod
+from vac.cli import add_config_arguments
+from vac.machines import MachineWorks, read_host_facts
+from vac.model import Finish, Machine, MachineState, slot_name
+from vac.store import Store, StoreError
+
+log = logging.getLogger("vacd")
+
+EXECUTOR_THREADS = 8
+DEFAULT_PIDFILE = "/run/vacd.pid"
+# VMs may talk to the services while they exist: from creation (user_data is written before the
+# domain starts) until they are finished.
+SERVED_STATES = (MachineState.CREATING, MachineState.RUNNING, MachineState.STOPPING)
+
+
+class _RunnerService:
+    """An aiohttp AppRunner with the ``close()`` the daemon calls on every service."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+@dataclasses.dataclass
+class DaemonStatus:
+    """Liveness and outcome facts published in status.json for check-vacd."""
+
+    loop_time: float = 0.0
+    responder_time: float = 0.0
+    metadata_time: float = 0.0
+    mjf_time: float = 0.0
+    creations: int = 0
+    creation_failures: int = 0
+    last_creation_error: Optional[str] = None
+    last_creation_error_time: Optional[float] = None
+
+
+class Factory:
+    """The running factory: the in-memory model, the cycle, and the executors of actions."""
+
+    def __init__(self, paths: configmod.ConfigPaths, *, clock: Callable[[], float] = time.time,
+                 works_factory: Callable[..., MachineWorks] = MachineWorks,
+                 host_facts: Callable[[Store], scheduler.HostFacts] = read_host_facts,
+                 processor_count: Optional[int] = None,
+                 rng: Optional[random.Random] = None):
+        self.paths = paths
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.works_factory = works_factory
+        self.host_facts = host_facts
+        self.processor_count = processor_count or os.cpu_count() or 1
+        self.config: Optional[configmod.Config] = None
+        self.store: Optional[Store] = None
+        self.works: Optional[MachineWorks] = None
+        self.machines: dict[str, Machine] = {}
+        self.finishes: dict[str, Finish] = {}
+        self.status = DaemonStatus()
+        self.started = clock()
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.reload_requested = False
+        self.busy: set[str] = set()  # uuids with a create/stop/finish step in flight
+        self.tasks: set[asyncio.Task] = set()
+        self.services: list = []
+        self.http_services = None
+        self.metrics = None
+        self.notifier = None
+        self.responder = None
+        self.peer_cache = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(EXECUTOR_THREADS, "vacd-io")
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def load_config(self) -> bool:
+        """(Re)load configuration; on errors keep the previous one. True if a config is usable."""
+        config, problems = configmod.load_config(self.paths, processor_count=self.processor_count)
+        for problem in problems:
+            (log.error if problem.level == "error" else log.warning)("%s", problem)
+        if config is None:
+            if self.config is None:
+                return False
+            log.error("configuration has errors: keeping the previous configuration")
+            return True
+        config = self.expand_pipes(config)
+        if self.config is not None and config.settings.state_dir != self.config.settings.state_dir:
+            log.error("state_dir cannot change while vacd runs: restart vacd to use %s",
+                      config.settings.state_dir)
+            config = config.replace(settings=dataclasses.replace(
+                config.settings, state_dir=self.config.settings.state_dir))
+        self.config = config
+        return True
+
+    def expand_pipes(self, config: configmod.Config) -> configmod.Config:
+        if not config.vacuum_pipes:
+            return config
+        from vac import pipes
+
+        expanded, problems = pipes.expand_pipes(config)
+        for problem in problems:
+            log.warning("vacuum pipe: %s", problem)
+        return expanded
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def live(self) -> list[Machine]:
+        return sorted(self.machines.values(), key=lambda machine: machine.slot)
+
+    def update(self, machine: Machine, **changes) -> Machine:
+        """Change a machine in the model and on disk (the record is the source of truth)."""
+        machine = machine.replace(**changes)
+        self.machines[machine.uuid] = machine
+        self.store.save(machine)
+        return machine
+
+    def machine_in_slot(self, slot: int) -> Optional[Machine]:
+        for machine in self.machines.values():
+            if machine.slot == slot:
+                return machine
+        return None
+
+    # -- the cycle ---------------------------------------------------------------------------
+
+    async def run_blocking(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    async def cycle(self, reconcile: bool) -> None:
+        if self.reload_requested or reconcile:
+            self.reload_requested = False
+            self.load_config()
+        now = self.clock()
+        if reconcile:
+            await self.reconcile(now)
+        for machine in self.live():
+            if machine.state is MachineState.FINISHING and machine.uuid not in self.busy:
+                self.spawn(self.finish(machine), machine.uuid)
+        await self.plan_and_apply(now)
+        self.publish_status(now)
+
+    async def reconcile(self, now: float) -> None:
+        """Compare the model with libvirt: adopt, finish vanished machines, kill zombies."""
+        try:
+            domains = await self.run_blocking(self.works.list_domains)
+        except Exception as error:  # libvirtd down: keep the model, try again next cycle
+            log.error("cannot list libvirt domains: %s", error)
+            return
+        by_uuid = {domain.uuid: domain for domain in domains}
+        for machine in self.live():
+            if machine.uuid in self.busy:
+                continue
+            domain = by_uuid.get(machine.uuid)
+            if machine.state in (MachineState.RUNNING, MachineState.STOPPING):
+                if domain is None or not domain.active:
+                    log.info("%s (%s) is no longer running", machine.name, machine.machinetype)
+                    self.update(machine, state=MachineState.FINISHING,
+                                finished=machine.heartbeat or now)
+                else:
+                    cpu = domain.cpu_seconds
+                    elapsed = now - (machine.heartbeat or now)
+                    percentage = 100.0 * (cpu - machine.cpu_seconds) / elapsed if elapsed > 0 else 0.0
+                    self.update(machine, heartbeat=now, cpu_seconds=cpu,
+                                cpu_percentage=max(0.0, percentage))
+            elif machine.state is MachineState.CREATING:
+                # Only reached after a restart: creation is never in flight across one.
+                if domain is not None and domain.active:
+                    log.info("adopting %s (%s) created before a restart", machine.name, machine.uuid)
+                    self.update(machine, state=MachineState.RUNNING, started=machine.started or now,
+                                heartbeat=now)
+                else:
+                    log.info("%s was never started: finishing it", machine.name)
+                    self.update(machine, state=MachineState.FINISHING, finished=now)
+        known = set(self.machines)
+        for domain in domains:
+            if domain.is_vac and domain.uuid not in known and domain.active:
+                log.warning("destroying zombie domain %s (%s): no live machine has this UUID",
+                            domain.name, domain.uuid)
+                self.spawn(self.run_blocking(self.works.destroy, domain.uuid), None)
+
+    async def plan_and_apply(self, now: float) -> None:
+        if self.stopping.is_set():
+            return
+        config = self.config
+        host = await self.run_blocking(self.host_facts, self.store)
+        settings = config.settings
+        reports = self.local_reports(now)
+        if self.peer_cache is not None:
+            reports = tuple(report for report in self.peer_cache.reports()
+                            if report.factory != settings.factory_name) + reports
+        heartbeat_mtimes = {}
+        for machine in self.live():
+            machinetype = config.machinetypes.get(machine.machinetype)
+            if machinetype is not None and machinetype.heartbeat_file:
+                heartbeat_mtimes[machine.uuid] = self.store.joboutput_mtime(
+                    machine, machinetype.heartbeat_file)
+        snapshot = scheduler.Snapshot(
+            config=config, machines=tuple(self.live()), num_slots=self.num_slots(host),
+            host=host, reports=reports, heartbeat_mtimes=heartbeat_mtimes, now=now,
+            daemon_started=self.started)
+        plan = scheduler.plan(snapshot, self.rng)
+        for note in plan.notes:
+            log.debug("plan: %s", note)
+        for action in plan.actions:
+            self.apply(action, now)
+
+    def num_slots(self, host) -> int:
+        return self.config.settings.total_processors or host.processors
+
+    def local_reports(self, now: float):
+        return scheduler.local_machinetype_reports(
+            self.config, tuple(self.live()), self.finishes, self.config.settings.factory_name, now)
+
+    def apply(self, action, now: float) -> None:
+        if isinstance(action, scheduler.Create):
+            self.start_creation(action, now)
+        elif isinstance(action, scheduler.Shutdown):
+            machine = self.machines.get(action.uuid)
+            if machine is not None and machine.state is MachineState.RUNNING:
+                log.info("shutting down %s: %s", machine.name, action.reason)
+                self.spawn(self.stop(machine, action.shutdown_message), machine.uuid)
+        elif isinstance(action, scheduler.LowerDeadline):
+            machine = self.machines.get(action.uuid)
+            if machine is not None:
+                log.info("lowering deadline of %s: %s", machine.name, action.reason)
+                machine = self.update(machine, deadline=action.deadline)
+                self.spawn(self.run_blocking(self.works.lower_deadline, machine), None)
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def spawn(self, coroutine, uuid: Optional[str]) -> None:
+        """Run an action in the background; log its failure; wake the cycle when it ends."""
+        if uuid is not None:
+            self.busy.add(uuid)
+
+        async def guarded():
+            try:
+                await coroutine
+            except Exception:
+                log.exception("internal error in a background step")
+            finally:
+                if uuid is not None:
+                    self.busy.discard(uuid)
+                self.wake.set()
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def start_creation(self, action, now: float) -> None:
+        settings = self.config.settings
+        machinetype = self.config.machinetypes[action.machinetype]
+        if self.machine_in_slot(action.slot) is not None:
+            log.error("planner chose occupied slot %d: ignored", action.slot)
+            return
+        machine = Machine(
+            uuid=str(uuidlib.uuid4()), name=slot_name(settings.factory_name, action.slot),
+            slot=action.slot, machinetype=machinetype.name,
+            machine_model=machinetype.machine_model, processors=action.processors,
+            created=now, deadline=action.deadline, fqan=machinetype.accounting_fqan,
+            hs06=(settings.hs06_per_processor * action.processors
+                  if settings.hs06_per_processor else None))
+        log.info("creating %s (%s, %d processors, deadline %s): %s", machine.name,
+                 machinetype.name, machine.processors,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(machine.deadline)), action.reason)
+        self.machines[machine.uuid] = machine
+        if self.metrics is not None:
+            self.metrics.creations.inc(machinetype=machine.machinetype)
+        self.spawn(self.create(machine, machinetype), machine.uuid)
+
+    async def create(self, machine: Machine, machinetype) -> None:
+        settings = self.config.settings
+        try:
+            await self.run_blocking(self.works.create, machine, machinetype, settings)
+        except Exception as error:
+            message = f"500 Vac could not create the machine: {error}"[:200]
+            log.error("creating %s failed: %s", machine.name, error)
+            self.status.creation_failures += 1
+            if self.metrics is not None:
+                self.metrics.creation_failures.inc(machinetype=machine.machinetype)
+            self.status.last_creation_error = f"{machine.name}: {error}"
+            self.status.last_creation_error_time = self.clock()
+            with contextlib.suppress(Exception):
+                self.store.write_file(machine, "joboutputs/shutdown_message", message)
+            self.update(machine, state=MachineState.FINISHING, finished=self.clock())
+            return
+        now = self.clock()
+        self.status.creations += 1
+        self.status.last_creation_error = None
+        self.update(machine, state=MachineState.RUNNING, started=now, heartbeat=now)
+        log.info("%s (%s) is running", machine.name, machine.uuid)
+
+    async def stop(self, machine: Machine, factory_message: Optional[str]) -> None:
+        """ACPI shutdown, then destroy after the grace period, never blocking anything else."""
+        if factory_message and self.store.vm_shutdown_message(machine) is None:
+            self.store.write_file(machine, "joboutputs/shutdown_message", factory_message)
+        machine = self.update(machine, state=MachineState.STOPPING, stop_requested=self.clock())
+        try:
+            await self.run_blocking(self.works.shutdown, machine.uuid)
+        except Exception as error:
+            log.warning("ACPI shutdown of %s failed (%s): destroying it", machine.name, error)
+        else:
+            grace = self.config.settings.stop_grace_seconds
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.gone(machine.uuid), grace)
+        await self.run_blocking(self.works.destroy, machine.uuid)
+        current = self.machines.get(machine.uuid)
+        if current is not None and current.state is MachineState.STOPPING:
+            self.update(current, state=MachineState.FINISHING, finished=self.clock())
+
+    async def gone(self, uuid: str) -> None:
+        """Wait until a machine's domain has disappeared (polled: events may be missed)."""
+        for _ in range(100000):
+            if not await self.run_blocking(self.works.is_active, uuid):
+                return
+            await asyncio.sleep(0.5)
+
+    async def finish(self, machine: Machine) -> None:
+        """Account, record the finish, release disks and the slot. Every step idempotent."""
+        settings = self.config.settings
+        machinetype = self.config.machinetypes.get(machine.machinetype)
+        now = self.clock()
+        end = machine.finished or now
+        vm_message = self.store.vm_shutdown_message(machine)
+        message = scheduler.finish_message(machine, machinetype, vm_message, end)
+        if message and vm_message is None:
+            self.store.write_file(machine, "joboutputs/shutdown_message", message)
+        if (not machine.accounted and machinetype is not None
+                and scheduler.should_account(machine, machinetype, end)):
+            await self.run_blocking(self.works.account, settings, machinetype, machine, end)
+            machine = self.update(machine, accounted=True)
+        finish = Finish(machine.machinetype, machine.name, message, end)
+        self.store.save_finish(finish)
+        previous = self.finishes.get(machine.machinetype)
+        if previous is None or previous.finished_time <= finish.finished_time:
+            self.finishes[machine.machinetype] = finish
+        await self.run_blocking(self.works.release, machine, settings)
+        self.store.release_slot(machine)
+        finished = machine.replace(state=MachineState.FINISHED, finished=end)
+        self.store.save(finished)
+        self.machines.pop(machine.uuid, None)
+        ran = (end - machine.started) if machine.started else 0
+        log.info("%s (%s) finished after %ds: %s", machine.name, machine.machinetype, ran,
+                 message or "no shutdown message")
+        self.spawn(self.send_machine_vacmon(finished), None)
+
+    async def send_machine_vacmon(self, machine: Machine) -> None:
+        if self.config.settings.vacmon_hostport and self.on_finish_vacmon is not None:
+            await self.on_finish_vacmon(machine)
+
+    on_finish_vacmon = None
+
+    # -- events --------------------------------------------------------------------------------
+
+    def on_domain_stopped(self, uuid: str) -> None:
+        """Called on the loop when libvirt reports a domain stopped (or the guest powered off)."""
+        machine = self.machines.get(uuid)
+        if machine is None or machine.state not in (MachineState.RUNNING, MachineState.STOPPING):
+            return
+        if machine.state is MachineState.STOPPING:
+            return  # stop() notices by itself and finishes the machine
+        log.info("%s (%s) powered off", machine.name, machine.machinetype)
+        self.update(machine, state=MachineState.FINISHING, finished=self.clock())
+        self.wake.set()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def publish_status(self, now: float) -> None:
+        self.status.loop_time = now
+        if self.http_services is not None:
+            # The services run on this loop: a cycle that completes proves they are served.
+            self.status.metadata_time = self.status.mjf_time = now
+        if self.responder is not None:
+            self.status.responder_time = now
+        live = self.live()
+        running = [m for m in live if m.state in (MachineState.RUNNING, MachineState.STOPPING)]
+        settings = self.config.settings
+        total = settings.total_processors or os.cpu_count() or 1
+        status = {
+            "format": 1, "pid": os.getpid(), "time": now, "version": __version__,
+            "loop_time": self.status.loop_time, "responder_time": self.status.responder_time,
+            "metadata_time": self.status.metadata_time, "mjf_time": self.status.mjf_time,
+            "running_machines": len(running), "slots": total,
+            "running_processors": sum(m.processors for m in running),
+            "total_processors": total,
+            "last_creation_error": self.status.last_creation_error,
+            "last_creation_error_time": self.status.last_creation_error_time,
+        }
+        try:
+            self.store.write_status(status)
+        except OSError as error:
+            log.error("cannot write status file: %s", error)
+        if self.notifier is not None:
+            self.notifier.status(f"{len(running)}/{total} machines running, "
+                                 f"{status['running_processors']}/{total} processors")
+        if self.metrics is not None:
+            self.metrics.slots.set(total)
+            self.metrics.total_processors.set(total)
+            self.metrics.running_processors.set(status["running_processors"])
+            counts: dict = {}
+            for machine in live:
+                key = (machine.machinetype, machine.state.value)
+                counts[key] = counts.get(key, 0) + 1
+            self.metrics.machines.replace(counts)
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.load_config():
+            raise StartupError("configuration has errors (see above); not starting")
+        settings = self.config.settings
+        self.store = Store(settings.state_dir)
+        try:
+            self.store.prepare()
+        except StoreError as error:
+            raise StartupError(str(error)) from error
+        loop = asyncio.get_running_loop()
+        self.works = self.works_factory(self.store, settings,
+                                        on_stopped=lambda uuid: loop.call_soon_threadsafe(
+                                            self.on_domain_stopped, uuid))
+        await self.run_blocking(self.works.connect)
+        self.finishes = self.store.load_finishes()
+        for machine in self.store.live_machines():
+            self.machines[machine.uuid] = machine
+        log.info("recovered %d live machines from %s", len(self.machines), settings.state_dir)
+        await self.reconcile(self.clock())
+        await self.start_services()
+
+    async def start_services(self) -> None:
+        """Bind the metadata/MJF services, the VacQuery responder and the optional metrics."""
+        from vac import metadata
+
+        settings = self.config.settings
+        self.http_services = await metadata.start_services(settings, self.resolve_slot)
+        self.services.append(self.http_services)
+        if settings.metrics_port:
+            from vac import metrics
+
+            registry = metrics.Metrics()
+            self.metrics = metrics.VacMetrics(registry)
+            runner = await metrics.start_metrics_server(registry, settings.metrics_port)
+            self.services.append(_RunnerService(runner))
+
+    def resolve_slot(self, slot: int):
+        """The machine a VM in ``slot`` may see through the metadata and MJF services."""
+        from vac.metadata import MachineContext
+
+        machine = self.machine_in_slot(slot)
+        if machine is None or machine.state not in SERVED_STATES:
+            return None
+        return MachineContext(machine, self.store.machine_dir(machine))
+
+    async def run(self) -> None:
+        from vac.sdnotify import SystemdNotifier, watchdog_interval
+
+        interval = watchdog_interval()
+        self.notifier = SystemdNotifier(unset_environment=True)
+        await self.start()
+        loop = asyncio.get_running_loop()
+        if interval:
+            self.spawn(self.feed_watchdog(interval), None)
+        for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                                (signal.SIGHUP, self.request_reload)):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, handler)
+        next_reconcile = 0.0
+        ready = False
+        while not self.stopping.is_set():
+            monotonic = loop.time()
+            reconcile = monotonic >= next_reconcile
+            if reconcile:
+                next_reconcile = monotonic + self.config.settings.reconcile_seconds
+            try:
+                await self.cycle(reconcile)
+            except Exception:
+                log.exception("internal error in the factory cycle")
+            if not ready:
+                ready = True
+                self.notifier.ready()
+                log.info("vacd %s ready: factory %s in space %s", __version__,
+                         self.config.settings.factory_name, self.config.settings.vac_space)
+            self.wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.05, next_reconcile - loop.time()))
+        await self.shutdown()
+
+    async def feed_watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog while the cycle keeps running (a hung cycle stops the pings)."""
+        while not self.stopping.is_set():
+            if self.clock() - self.status.loop_time < 3 * self.config.settings.reconcile_seconds:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def request_stop(self) -> None:
+        log.info("stopping vacd; running machines keep running")
+        self.stopping.set()
+        self.wake.set()
+
+    def request_reload(self) -> None:
+        log.info("reloading configuration (SIGHUP)")
+        self.reload_requested = True
+        self.wake.set()
+
+    async def shutdown(self) -> None:
+        if self.notifier is not None:
+            self.notifier.stopping()
+        for service in self.services:
+            with contextlib.suppress(Exception):
+                await service.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.works is not None:
+            with contextlib.suppress(Exception):
+                await self.run_blocking(self.works.close)
+        self.executor.shutdown(wait=False)
+
+
+class StartupError(Exception):
+    """vacd cannot start; the message says why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vacd", description="Vac factory daemon.")
+    parser.add_argument("--version", action="version", version=f"vacd {__version__}")
+    add_config_arguments(parser)
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration (as vac conf --check) and exit")
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach into the background (hosts without systemd)")
+    parser.add_argument("--foreground", dest="daemon", action="store_false",
+                        help="stay in the foreground (the default)")
+    parser.add_argument("--pidfile", default=DEFAULT_PIDFILE,
+                        help="pid file written with --daemon (default %(default)s)")
+    parser.add_argument("--log-file", default=None,
+                        help="log to this file (reopened after logrotate) instead of stderr")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--debug", action="store_true", help="log planner notes and more")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    paths = configmod.ConfigPaths.from_args(args)
+    if args.check_config:
+        from vac.cli import cmd_conf
+
+        args.check = True
+        return cmd_conf(args)
+    from vac.logsetup import setup_logging
+
+    try:
+        setup_logging(args.log_file, logging.DEBUG if args.debug else logging.INFO, args.log_format)
+    except OSError as error:
+        print(f"vacd: cannot open log file: {error}", file=sys.stderr)
+        return 1
+    os.umask(0o022)
+    if args.daemon:
+        from vac.daemonize import DaemonizeError, daemonize
+
+        try:
+            daemonize(args.pidfile)
+        except DaemonizeError as error:
+            print(f"vacd: {error}", file=sys.stderr)
+            return 1
+    factory = Factory(paths)
+    try:
+        asyncio.run(factory.run())
+    except StartupError as error:
+        log.error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

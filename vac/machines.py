@@ -1,0 +1,149 @@
+"""The blocking steps of a machine's life, behind one seam (``MachineWorks``).
+
+vacd runs each method in its thread pool. Tests replace the whole object with a recording fake,
+so the daemon's cycle is tested without libvirt; this module itself is tested against libvirt's
+``test:///`` driver and, in the system tier, real libvirtd + QEMU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from vac import __version__, apel, disks, hypervisor, metadata, userdata
+from vac.config import Machinetype, Settings
+from vac.model import Machine
+from vac.scheduler import HostFacts
+from vac.store import Store
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+def read_host_facts(store: Store) -> HostFacts:
+    """Processor count, load averages, free space in the state directory and free memory."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (0.0, 0.0, 0.0)
+    return HostFacts(processors=os.cpu_count() or 1, load_averages=tuple(load),
+                     state_dir_free_bytes=store.free_bytes(),
+                     free_memory_bytes=available_memory_bytes())
+
+
+def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int:
+    try:
+        with open(meminfo, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class MachineWorks:
+    """Creates, stops, lists and cleans up machines with libvirt, disks and the store."""
+
+    def __init__(self, store: Store, settings: Settings,
+                 on_stopped: Callable[[str], None]):
+        self.store = store
+        self.settings = settings
+        self.on_stopped = on_stopped
+        self.hypervisor = hypervisor.Hypervisor(settings.libvirt_uri, self._on_event)
+        self.images = None
+
+    def _on_event(self, event: hypervisor.DomainEvent) -> None:
+        if event.stopped:
+            self.on_stopped(event.uuid)
+
+    def connect(self) -> None:
+        self.hypervisor.connect()
+        self.hypervisor.ensure_network(hypervisor.factory_network(self.settings))
+
+    def close(self) -> None:
+        self.hypervisor.close()
+
+    def list_domains(self) -> list:
+        return self.hypervisor.list_domains()
+
+    def is_active(self, uuid: str) -> bool:
+        return self.hypervisor.is_active(uuid)
+
+    def shutdown(self, uuid: str) -> None:
+        self.hypervisor.shutdown(uuid)
+
+    def destroy(self, uuid: str) -> None:
+        self.hypervisor.destroy(uuid)
+
+    # -- creation ----------------------------------------------------------------------------
+
+    def create(self, machine: Machine, machinetype: Machinetype, settings: Settings) -> None:
+        """Write the machine directory (MJF, user_data, keys), make its disks, start the domain."""
+        now = time.time()
+        directory = self.store.create_machine_dir(machine)
+        machinefeatures, jobfeatures = metadata.mjf_features(machine, settings, machinetype, now)
+        metadata.write_mjf(directory, machinefeatures, jobfeatures)
+        if machinetype.accounting_fqan:
+            self.store.write_file(machine, "accounting_fqan", machinetype.accounting_fqan)
+        self._copy_public_key(machine, settings)
+        template, url = userdata.fetch_template(machinetype, settings)
+        proxy = None
+        if machinetype.user_data_proxy:
+            from vac import x509
+
+            proxy = x509.machinetype_proxy(machinetype, machine.deadline, now)
+        text = userdata.build_user_data(template, settings=settings, machinetype=machinetype,
+                                        machine=machine, template_url=url, proxy_pem=proxy)
+        self.store.write_file(machine, "user_data", text, mode=0o600)
+        spec = self.domain_spec(machine, machinetype, settings, directory)
+        self.hypervisor.create(spec)
+
+    def _copy_public_key(self, machine: Machine, settings: Settings) -> None:
+        try:
+            key = Path(settings.root_public_key).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return  # optional: VMs then get no public key
+        self.store.write_file(machine, "root_public_key", key)
+
+    def root_image(self, machinetype: Machinetype, settings: Settings) -> Path:
+        if self.images is None:
+            from vac import imagecache
+
+            self.images = imagecache.ImageCache(Path(settings.state_dir) / "imagecache",
+                                                user_agent=f"Vac {__version__}")
+        from vac import imagecache
+
+        return imagecache.resolve_root_image(machinetype, self.images)
+
+    def domain_spec(self, machine: Machine, machinetype: Machinetype, settings: Settings,
+                    directory: Path) -> hypervisor.DomainSpec:
+        """Make the machine's disks and describe its domain (policy here, none in the XML)."""
+        image = self.root_image(machinetype, settings) if machinetype.root_image else None
+        if image is not None and machinetype.image_signing_dn and machinetype.machine_model != "vm-raw":
+            from vac import x509
+
+            x509.verify_cernvm_image(str(image), machinetype.image_signing_dn)
+        machine_disks = disks.prepare_disks(settings, machinetype, machine,
+                                            str(directory / "disks"),
+                                            str(image) if image is not None else None)
+        return hypervisor.machine_domain_spec(machine, machinetype, settings, str(directory),
+                                              machine_disks)
+
+    # -- finishing ---------------------------------------------------------------------------
+
+    def lower_deadline(self, machine: Machine) -> None:
+        metadata.lower_deadline_files(self.store.machine_dir(machine), machine.deadline)
+
+    def account(self, settings: Settings, machinetype: Machinetype, machine: Machine,
+                end: float) -> None:
+        result = apel.write_accounting(settings, machinetype, machine, end, machine.cpu_seconds)
+        log.info("accounting for %s: %s", machine.name, result)
+
+    def release(self, machine: Machine, settings: Settings) -> None:
+        """Remove the machine's disks (files, and its logical volume if any). Idempotent."""
+        disks.release_disks(settings, machine, str(self.store.machine_dir(machine) / "disks"))
