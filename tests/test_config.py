@@ -371,7 +371,7 @@ BAD_SETTINGS = [
     ("vacquery_allow_unauthenticated", "sometimes", "'sometimes' is not a boolean (use yes/no, true/false, on/off or 1/0)"),
     ("metadata_address", "169.254.169.256", "'169.254.169.256' is not an IP address"),
     ("mjf_address", "", "'' is not an IP address"),
-    ("http_port", "0", "'0' must be at least 1"),
+    ("http_port", "-1", "'-1' must be at least 0"),
     ("network_name", "vac/net", "'vac/net' is not a libvirt network name"),
     ("network_forward", "route", "'route' is not one of nat, none"),
     ("bridge_name", "averyverylongbridge", "'averyverylongbridge' is not a bridge name (at most 15 characters)"),

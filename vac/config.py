@@ -385,6 +385,10 @@ def _ip_address_or_all(text: str) -> str:
 
 
 def _port(text: str) -> int:
+    return _integer(1, 65535)(text)
+
+
+def _listen_port(text: str) -> int:
     return _integer(0, 65535)(text)  # 0: any free port (tests, several daemons on one host)
 
 
@@ -491,13 +495,13 @@ SETTINGS_OPTIONS: dict[str, Converter] = {
     "state_dir": _absolute_path,
     "libvirt_uri": _libvirt_uri,
     "domain_type": _choice("kvm", "qemu"),
-    "vacquery_port": _port,
+    "vacquery_port": _listen_port,
     "vacquery_address": _ip_address_or_all,
     "vacquery_secret_file": _absolute_path,
     "vacquery_allow_unauthenticated": _boolean,
     "metadata_address": _ip_address,
     "mjf_address": _ip_address,
-    "http_port": _port,
+    "http_port": _listen_port,
     "network_name": _matching(_LIBVIRT_NAME, "a libvirt network name"),
     "network_forward": _choice("nat", "none"),
     "bridge_name": _matching(_INTERFACE, "a bridge name (at most 15 characters)"),
@@ -508,7 +512,7 @@ SETTINGS_OPTIONS: dict[str, Converter] = {
     "peer_cache_seconds": _number(0.0, allow_minimum=True),
     "apel_version": _choice("0.3", "0.4"),
     "hepscore23_per_processor": _number(0.0),
-    "metrics_port": _port,
+    "metrics_port": _listen_port,
     "kernel": _absolute_path,
     "initrd": _absolute_path,
     "kernel_cmdline": _text,
