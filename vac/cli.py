@@ -185,6 +185,35 @@ def register_ops_commands(commands: argparse._SubParsersAction) -> None:
     squid.set_defaults(func=cmd_squid_conf)
 
 
+def cmd_apel_sync(args: argparse.Namespace) -> int:
+    """Write an APEL sync record for each month YYYYMM (default: the month of now - 24 h)."""
+    from vac import apel
+    from vac import config as configmod
+
+    config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
+    if config is None:
+        for problem in problems:
+            print(f"vac apel-sync: {problem}", file=sys.stderr)
+        return 1
+    try:
+        results = apel.sync_records(config.settings, args.months)
+    except (ValueError, apel.ApelError) as error:
+        print(f"vac apel-sync: {error}", file=sys.stderr)
+        return 1
+    for result in results:
+        for count in result.counts:
+            print(f"{result.year:04d}-{result.month:02d} Site {count.site} SubmitHost "
+                  f"{count.submit_host}: {count.number_of_jobs} jobs")
+        print(f"written to {result.path}")
+    return 0
+
+
+def register_apel_commands(commands: argparse._SubParsersAction) -> None:
+    sync = commands.add_parser("apel-sync", help="write APEL sync records for ssmsend")
+    sync.add_argument("months", nargs="*", metavar="YYYYMM", help="months (default: the month of now - 24 h)")
+    sync.set_defaults(func=cmd_apel_sync)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vac", description="Vac VM factory: status, configuration and tools.")
     parser.add_argument("--version", action="version", version=f"vac {__version__}")
@@ -195,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_config_commands(commands)
     register_x509_commands(commands)
     register_ops_commands(commands)
+    register_apel_commands(commands)
     return parser
 
 
