@@ -530,9 +530,14 @@ class Hypervisor:
     def connect(self) -> None:
         """Open the connection and subscribe to events; NotConnectedError if libvirtd is down."""
         self._closing.clear()
+        if self._conn is not None:
+            return
+        conn = self._open()  # outside the lock: the close callback takes it on the event thread
         with self._lock:
             if self._conn is None:
-                self._conn = self._open()
+                self._conn, conn = conn, None
+        if conn is not None:  # another thread connected meanwhile
+            self._discard(conn)
 
     def close(self) -> None:
         """Stop reconnecting and close the connection. Idempotent."""
@@ -541,9 +546,9 @@ class Hypervisor:
             conn, self._conn = self._conn, None
         if conn is not None:
             self._discard(conn)
-        if self._reconnector is not None:
-            self._reconnector.join(timeout=15)
-            self._reconnector = None
+        reconnector, self._reconnector = self._reconnector, None
+        if reconnector is not None and reconnector.is_alive():  # it exits once it sees _closing
+            reconnector.join(timeout=15)
 
     @property
     def connected(self) -> bool:
@@ -600,15 +605,16 @@ class Hypervisor:
         # Runs on libvirt's event thread: libvirt calls must not happen here, so a separate
         # thread discards the dead connection and reconnects with backoff.
         with self._lock:
-            if self._conn is not conn:
+            if self._conn is not conn or self._closing.is_set():
                 return
             self._conn = None
-            if self._closing.is_set() or (self._reconnector and self._reconnector.is_alive()):
+            if self._reconnector and self._reconnector.is_alive():
                 return
-            self._reconnector = threading.Thread(target=self._reconnect, args=(conn, reason),
-                                                 name="libvirt-reconnect", daemon=True)
-            self._reconnector.start()
+            reconnector = threading.Thread(target=self._reconnect, args=(conn, reason),
+                                           name="libvirt-reconnect", daemon=True)
+            self._reconnector = reconnector
         self.event_sink(DomainEvent(EventKind.CONNECTION_LOST, detail=reason))
+        reconnector.start()  # after CONNECTION_LOST, so RECONNECTED always comes second
 
     def _reconnect(self, dead: libvirt.virConnect, reason: int) -> None:
         log.warning("lost the connection to %s (reason %d); reconnecting", self.uri, reason)
