@@ -140,6 +140,19 @@ def test_lower_deadline_files_only_lowers(tmp_path):
     assert (tmp_path / "jobfeatures" / "shutdowntime_job").read_text() == "1500"
 
 
+def test_reading_machine_files_is_bounded_and_follows_no_links(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "MAX_DOCUMENT_BYTES", 10)
+    (tmp_path / "ten").write_bytes(b"0123456789")
+    (tmp_path / "eleven").write_bytes(b"0123456789a")
+    (tmp_path / "link").symlink_to(tmp_path / "ten")
+    assert metadata._read(tmp_path / "ten") == b"0123456789"
+    assert metadata._read(tmp_path / "missing") is None
+    with pytest.raises(OSError, match="larger than 10 bytes"):
+        metadata._read(tmp_path / "eleven")
+    with pytest.raises(OSError):
+        metadata._read(tmp_path / "link")
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure: paths, names, log limiting
 
