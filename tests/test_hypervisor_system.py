@@ -202,7 +202,7 @@ def wait_gone(bed: Testbed, machine: Machine, started: float) -> dict:
 
 def test_network_has_both_factory_addresses_and_is_kept_when_unchanged(testbed):
     addresses = subprocess.run(["ip", "-o", "-4", "address", "show", "dev", testbed.bridge],
-                               capture_output=True, text=True, check=True).stdout
+                               capture_output=True, text=True, check=True, timeout=10).stdout
     assert "169.254.169.253/16" in addresses and "169.254.169.254/32" in addresses
     conn = testbed.hypervisor._connection()
     before = conn.networkLookupByName(testbed.settings.network_name).UUIDString()
