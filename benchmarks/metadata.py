@@ -164,7 +164,7 @@ async def _client(slot: int, base: str, path: str, keep_alive: bool, stop_at: fl
     loop = asyncio.get_running_loop()
     streams = None
     scheduled = loop.time() + interval * slot / 50
-    while scheduled < stop_at and len(latencies) < 2_000_000:
+    while scheduled < stop_at and loop.time() < stop_at and len(latencies) < 2_000_000:
         if interval:
             await asyncio.sleep(max(0.0, scheduled - loop.time()))
         started = scheduled if interval else loop.time()
