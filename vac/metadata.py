@@ -394,14 +394,14 @@ class _Service:
 
     async def _entry(self, request: web.Request) -> web.StreamResponse:
         who, context = self._identify(request)
-        status = 500
+        status, problem = 500, ""
         try:
             try:
                 response = await self.handle(request, context)
             except ConnectionError:
                 raise  # the client went away: nothing to answer
             except OSError as error:  # the machine's files: unreadable, too big, disk trouble
-                log.error("%s: %s %s: %s", self.name, who, request.raw_path[:200], error)
+                problem = f": {error}"
                 response = _status(500, "this machine's data cannot be read")
             status = response.status
             return response
@@ -409,8 +409,9 @@ class _Service:
             dropped = self.log_limiter.admit(who)
             if dropped is not None:
                 note = f" ({dropped} lines from {who} suppressed)" if dropped else ""
-                log.info("%s %s %s %s %d%s", self.name, who, request.method,
-                         repr(request.raw_path[:200])[1:-1], status, note)
+                log.log(logging.ERROR if status >= 500 else logging.INFO,
+                        "%s %s %s %s %d%s%s", self.name, who, request.method,
+                        repr(request.raw_path[:200])[1:-1], status, problem, note)
 
     async def handle(self, request: web.Request, context: Optional[MachineContext]
                      ) -> web.StreamResponse:
