@@ -214,6 +214,48 @@ def register_apel_commands(commands: argparse._SubParsersAction) -> None:
     sync.set_defaults(func=cmd_apel_sync)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run the planner over the simulated space of SCENARIO; print a summary or JSON; plot."""
+    from vac import simulate
+
+    try:
+        if args.plot:
+            simulate.check_plot_support()  # before minutes of simulation, not after
+        scenario = simulate.load_scenario(args.scenario)
+        if args.duration is not None:
+            scenario = scenario.replace(duration=simulate.parse_duration(args.duration))
+        if args.seed is not None:
+            scenario = scenario.replace(seed=args.seed)
+    except (simulate.ScenarioError, simulate.PlotError, ValueError) as error:
+        print(f"vac simulate: {error}", file=sys.stderr)
+        return 1
+    if scenario.duration <= 0:
+        print("vac simulate: --duration must be greater than 0", file=sys.stderr)
+        return 1
+    result = simulate.simulate(scenario)
+    if args.json:
+        print(simulate.format_json(result))
+    else:
+        print(simulate.format_summary(result), end="")
+    if args.plot:
+        try:
+            simulate.plot(result, args.plot)
+        except simulate.PlotError as error:
+            print(f"vac simulate: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def register_simulate_commands(commands: argparse._SubParsersAction) -> None:
+    simulate = commands.add_parser("simulate", help="run the real planner over a simulated space")
+    simulate.add_argument("scenario", help="scenario file (see etc/simulate/ and vac(1))")
+    simulate.add_argument("-J", "--json", action="store_true", help="print JSON instead of the summary")
+    simulate.add_argument("--plot", metavar="PNG", help="also draw processors per machinetype over time (needs matplotlib)")
+    simulate.add_argument("--duration", metavar="D", help="simulated time instead of the scenario's (e.g. 6h)")
+    simulate.add_argument("--seed", type=int, help="random seed instead of the scenario's")
+    simulate.set_defaults(func=cmd_simulate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vac", description="Vac VM factory: status, configuration and tools.")
     parser.add_argument("--version", action="version", version=f"vac {__version__}")
@@ -225,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_x509_commands(commands)
     register_ops_commands(commands)
     register_apel_commands(commands)
+    register_simulate_commands(commands)
     return parser
 
 
