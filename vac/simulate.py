@@ -469,7 +469,7 @@ class _Factory:
         self.contribution = contribution  # per machinetype index: (machines, processors, young)
         self.active_processors = 0
         self.overrun: dict[str, float] = {}  # uuid -> deadline of VMs that would outlive it
-        self.own_reports: Optional[tuple[MachinetypeReport, ...]] = None
+        self.own_reports: list[Optional[MachinetypeReport]] = [None] * len(contribution)  # None: stale
         self.view = view
         self.view_own = contribution  # this factory's part of ``view``
         self.peer_key: Optional[tuple[_View, tuple]] = None
@@ -711,7 +711,7 @@ class Simulation:
         factory.contribution = (*contribution[:i], (old_machines + machines, old_processors + processors,
                                                     old_young + young), *contribution[i + 1 :])
         factory.active_processors += processors
-        factory.own_reports = None
+        factory.own_reports[i] = None
         self.version += 1
         self.busy += processors
         if processors > 0 and self.fill_time is None and self.busy >= self.fill_target:
@@ -719,21 +719,22 @@ class Simulation:
 
     def own_reports(self, factory: _Factory) -> tuple[MachinetypeReport, ...]:
         """The factory's fresh report (what scheduler.local_machinetype_reports would give)."""
-        if factory.own_reports is None:
-            reports = []
-            hs06 = self.hs06_per_processor
-            for mt, (machines, processors, young) in zip(self.machinetypes, factory.contribution):
+        reports = factory.own_reports
+        for i, report in enumerate(reports):
+            if report is None:
+                mt = self.machinetypes[i]
+                machines, processors, young = factory.contribution[i]
                 finish = factory.finishes.get(mt.name)
-                reports.append(MachinetypeReport(
-                    factory=factory.name, machinetype=mt.name, running_hs06=processors * hs06,
+                reports[i] = MachinetypeReport(
+                    factory=factory.name, machinetype=mt.name,
+                    running_hs06=processors * self.hs06_per_processor,
                     running_machines=machines, running_processors=processors, num_before_fizzle=young,
                     shutdown_message=finish.shutdown_message if finish else None,
                     shutdown_time=finish.finished_time if finish else None,
                     shutdown_machine=finish.machine_name if finish else None,
                     fqan=mt.accounting_fqan, max_wallclock_seconds=mt.max_wallclock_seconds,
-                    max_processors=mt.max_processors))
-            factory.own_reports = tuple(reports)
-        return factory.own_reports
+                    max_processors=mt.max_processors)
+        return tuple(reports)
 
     def peer_reports(self, factory: _Factory) -> tuple[MachinetypeReport, ...]:
         """The other factories' reports in the factory's peer cache, summed per machinetype."""
@@ -870,8 +871,7 @@ class Simulation:
         """Record the finish as vacd does, free the slot, and plan."""
         i = self.index[machine.machinetype]
         machinetype = self.machinetypes[i]
-        machine = machine.replace(state=MachineState.FINISHING, finished=now)
-        message = scheduler.finish_message(machine, machinetype, vm_message, now)
+        message = scheduler.finish_message(machine, machinetype, vm_message, now)  # it ran until now
         factory.finishes[machinetype.name] = Finish(machinetype.name, machine.name, message, now)
         aborts = self.aborts[i]
         aborts.pop(factory.name, None)
