@@ -147,6 +147,20 @@ def test_scenario_referencing_a_configuration_directory(tmp_path):
     assert any("idle has no target_share" in warning for warning in scenario.warnings)
 
 
+def test_scenario_referencing_a_directory_and_a_file(tmp_path):
+    (tmp_path / "vac.d").mkdir()
+    (tmp_path / "vac.d" / "a.conf").write_text(
+        "[settings]\nvac_space = prod.example.org\nfactory_name = wn1.prod.example.org\n"
+        "[machinetype a]\ntarget_share = 3\nroot_image = a.iso\nuser_data = u\n")
+    (tmp_path / "vac.conf").write_text("[machinetype a]\ntarget_share = 4\n")
+    path = tmp_path / "s.ini"
+    path.write_text("[simulation]\nconfig = vac.conf vac.d\n[hosts a]\n")
+    assert simulate.load_scenario(str(path)).config.machinetypes["a"].target_share == 4
+    path.write_text("[simulation]\nconfig = vac.conf vac.conf\n[hosts a]\n")
+    with pytest.raises(simulate.ScenarioError, match="at most one directory and one file"):
+        simulate.load_scenario(str(path))
+
+
 def test_the_scenario_overrides_a_referenced_configuration_file(tmp_path):
     (tmp_path / "vac.conf").write_text(
         "[settings]\nvac_space = prod.example.org\nfactory_name = wn1.prod.example.org\n"
@@ -167,6 +181,9 @@ def test_the_scenario_overrides_a_referenced_configuration_file(tmp_path):
     ("[simulation]\nduration = soon\n[hosts a]\n", "\\[simulation\\] duration: 'soon' is not a duration"),
     ("[simulation]\nduration = 0\n[hosts a]\n", "duration must be greater than 0"),
     ("[simulation]\n[hosts a]\ncount = 0\n", "count and processors must be at least 1"),
+    ("[simulation]\n[hosts a]\ncount = 2.5\n", "\\[hosts a\\] count: '2.5' is not an integer"),
+    ("[simulation]\nprobe_seconds = 0\n[hosts a]\n", "probe_seconds must be greater than 0"),
+    ("[simulation]\n[hosts a]\n[work a]\nprobe_seconds = 0\n", "\\[work a\\] probe_seconds must be greater"),
     ("[simulation]\n[hosts A_1]\n", "needs a name"),
     ("[simulation]\n[hosts a]\n[work b]\nrun_time = fixed 1h\n", "no machinetype b in the configuration"),
     ("[simulation]\n[hosts a]\n[work a]\nwork = 3h-1h\n", "\\[work a\\] work: interval '3h-1h' ends"),

@@ -57,6 +57,7 @@ WORK_MESSAGE = "200 Success"
 NO_WORK_MESSAGE = "300 No more work"
 SIMULATION_HOSTNAME = "factory.simulate.invalid"
 ENOUGH_BYTES = 1 << 50  # disk and memory are not simulated
+ANY_PROCESSORS = 1 << 20
 SCENARIO_SECTIONS = ("simulation", "hosts", "work")
 
 # Event priorities at equal times: machines change first, then caches refresh, then factories
@@ -283,21 +284,28 @@ class Scenario:
 # ---------------------------------------------------------------------------------------------
 # Loading a scenario file
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
 _SIMULATION_OPTIONS = {
     "description": str,
     "config": str,
     "duration": parse_duration,
-    "seed": int,
+    "seed": _integer,
     "create_seconds": parse_duration,
     "stop_seconds": parse_duration,
     "probe_seconds": parse_duration,
     "tick_seconds": parse_duration,
-    "peer_cache_phases": int,
+    "peer_cache_phases": _integer,
     "window": parse_duration,
     "sample_seconds": parse_duration,
     "fill_fraction": float,
 }
-_HOSTS_OPTIONS = {"count": int, "processors": int}
+_HOSTS_OPTIONS = {"count": _integer, "processors": _integer}
 _WORK_OPTIONS = {"work": parse_work, "run_time": parse_run_time, "probe_seconds": parse_duration}
 _GROUP_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}\Z")
 
@@ -315,35 +323,45 @@ def _read_options(parser: configparser.ConfigParser, section: str, known: dict, 
     return values
 
 
-def _positive(values: dict, option: str, where: str, section: str, minimum: float = 0.0) -> None:
-    if option in values and not values[option] > minimum:
-        raise ScenarioError(f"{where}: [{section}] {option} must be greater than {minimum:g}")
+def _positive(values: dict, option: str, where: str, section: str) -> None:
+    if option in values and not values[option] > 0:
+        raise ScenarioError(f"{where}: [{section}] {option} must be greater than 0")
 
 
-def _load_vac_config(scenario_path: str, config_option: Optional[str], processors: int) -> tuple[Config, list[str]]:
-    """The space's configuration: the referenced files or directory, then the scenario's own
-    [settings]/[machinetype] sections, read exactly as vacd reads its files."""
+def _config_paths(scenario_path: str, config_option: Optional[str], empty_dir: str) -> ConfigPaths:
+    """Where vacd would read: ``config`` names a directory like /etc/vac.d, a file like
+    /etc/vac.conf, or one of each; the scenario file is read last, like /run/vac.conf."""
     base = os.path.dirname(os.path.abspath(scenario_path))
-    with tempfile.TemporaryDirectory() as empty_dir:
-        if config_option is None:
-            paths = ConfigPaths(conf_dir=empty_dir, main_conf=scenario_path, run_confs=())
+    conf_dir, main_conf = empty_dir, None
+    for word in (config_option or "").split():
+        path = os.path.join(base, os.path.expanduser(word))
+        if os.path.isdir(path) and conf_dir == empty_dir:
+            conf_dir = path
+        elif os.path.isfile(path) and main_conf is None:
+            main_conf = path
+        elif os.path.exists(path):
+            raise ScenarioError(f"{scenario_path}: [simulation] config: give at most one directory and one file")
         else:
-            referenced = os.path.join(base, os.path.expanduser(config_option))
-            if os.path.isdir(referenced):
-                paths = ConfigPaths(conf_dir=referenced, main_conf=scenario_path, run_confs=())
-            elif os.path.isfile(referenced):
-                paths = ConfigPaths(conf_dir=empty_dir, main_conf=referenced, run_confs=(scenario_path,))
-            else:
-                raise ScenarioError(f"{scenario_path}: [simulation] config: no such file or directory {referenced}")
-        # Factory sizes come from the scenario: allow any total_processors here.
-        config, problems = load_config(paths, hostname=SIMULATION_HOSTNAME, processor_count=max(processors, 1 << 20))
+            raise ScenarioError(f"{scenario_path}: [simulation] config: no such file or directory {path}")
+    if main_conf is None:
+        return ConfigPaths(conf_dir=conf_dir, main_conf=scenario_path, run_confs=())
+    return ConfigPaths(conf_dir=conf_dir, main_conf=main_conf, run_confs=(scenario_path,))
+
+
+def _load_vac_config(scenario_path: str, config_option: Optional[str]) -> tuple[Config, list[str]]:
+    """The space's configuration, read exactly as vacd reads its files."""
+    with tempfile.TemporaryDirectory() as empty_dir:
+        paths = _config_paths(scenario_path, config_option, empty_dir)
+        # Factory sizes come from [hosts]: total_processors is replaced, so any value may pass.
+        config, problems = load_config(paths, hostname=SIMULATION_HOSTNAME, processor_count=ANY_PROCESSORS)
+
     def about_scenario_section(problem: Any) -> bool:  # "unknown section" for our own sections
         kind = (problem.section or "").split(" ")[0].lower()
         return problem.file == scenario_path and kind in SCENARIO_SECTIONS
 
     warnings = [str(p) for p in problems if not p.is_error and not about_scenario_section(p)]
-    errors = [str(p) for p in problems if p.is_error]
     if config is None:
+        errors = [str(p) for p in problems if p.is_error]
         raise ScenarioError("configuration errors:\n  " + "\n  ".join(errors))
     settings = config.settings
     if config.vacuum_pipes:
@@ -367,7 +385,7 @@ def load_scenario(path: str) -> Scenario:
     if not parser.has_section("simulation"):
         raise ScenarioError(f"{path}: no [simulation] section")
     simulation = _read_options(parser, "simulation", _SIMULATION_OPTIONS, path)
-    for option in ("duration", "tick_seconds", "window", "sample_seconds"):
+    for option in ("duration", "tick_seconds", "window", "sample_seconds", "probe_seconds"):
         _positive(simulation, option, path, "simulation")
     if not 0 < simulation.get("fill_fraction", 0.95) <= 1:
         raise ScenarioError(f"{path}: [simulation] fill_fraction must be in (0, 1]")
@@ -388,11 +406,11 @@ def load_scenario(path: str) -> Scenario:
             groups.append(FactoryGroup(name, count, processors))
         elif kind == "work":
             work_sections[name] = (section, _read_options(parser, section, _WORK_OPTIONS, path))
+            _positive(work_sections[name][1], "probe_seconds", path, section)
     if not groups:
         raise ScenarioError(f"{path}: no [hosts NAME] section (count = N, processors = P)")
 
-    config, warnings = _load_vac_config(path, simulation.get("config"),
-                                        max(group.processors for group in groups))
+    config, warnings = _load_vac_config(path, simulation.get("config"))
     shared = [name for name, mt in config.machinetypes.items() if mt.target_share > 0]
     if not shared:
         raise ScenarioError(f"{path}: no machinetype has target_share > 0: nothing would run")
@@ -789,8 +807,7 @@ class Simulation:
                 self._push(now + self.scenario.stop_seconds, _CHANGE, self._stopped,
                            (factory, action.uuid, action.shutdown_message))
             else:
-                machine = factory.machines[action.uuid] = factory.machines[action.uuid].replace(
-                    deadline=action.deadline)
+                factory.machines[action.uuid] = factory.machines[action.uuid].replace(deadline=action.deadline)
                 run = factory.runs.get(action.uuid)
                 if run is not None and run.ends > action.deadline:
                     factory.overrun[action.uuid] = action.deadline
