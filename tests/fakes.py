@@ -30,10 +30,11 @@ class FakeWorks:
 
     instances: list = []
 
-    def __init__(self, store, settings, on_stopped):
+    def __init__(self, store, settings, on_stopped, on_reconnected):
         self.store = store
         self.settings = settings
         self.on_stopped = on_stopped
+        self.on_reconnected = on_reconnected
         self.domains: dict[str, FakeDomain] = {}
         self.calls: list[tuple] = []
         self.fail_creates = 0
@@ -42,6 +43,9 @@ class FakeWorks:
 
     def connect(self):
         self.calls.append(("connect",))
+
+    def complete_accounting(self):
+        self.calls.append(("complete_accounting",))
 
     def close(self):
         self.calls.append(("close",))

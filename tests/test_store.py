@@ -103,3 +103,14 @@ def test_expiry_never_removes_live_or_recent_machines(store):
     removed = store.expire_machine_dirs(["live"], {"lhcb": 3.0}, 3.0, now=1700000000.0 + 3.1 * day)
     assert removed == [store.machine_dir(old)]
     assert store.machine_dir(recent).is_dir() and store.machine_dir(live).is_dir()
+
+
+def test_last_activity_is_the_newest_console_or_joboutput(store):
+    machine = make_machine()
+    assert store.last_activity(machine) is None
+    directory = store.create_machine_dir(machine)
+    (directory / "console.log").write_text("boot")
+    os.utime(directory / "console.log", (1700000100, 1700000100))
+    store.write_file(machine, "joboutputs/heartbeat", "ok")
+    os.utime(directory / "joboutputs" / "heartbeat", (1700000200, 1700000200))
+    assert store.last_activity(machine) == 1700000200

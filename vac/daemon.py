@@ -86,6 +86,7 @@ class Factory:
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.reload_requested = False
+        self.reconcile_requested = False
         self.busy: set[str] = set()  # uuids with a create/stop/finish step in flight
         self.tasks: set[asyncio.Task] = set()
         self.services: list = []
@@ -179,7 +180,7 @@ class Factory:
                 if domain is None or not domain.active:
                     log.info("%s (%s) is no longer running", machine.name, machine.machinetype)
                     self.update(machine, state=MachineState.FINISHING,
-                                finished=machine.heartbeat or now)
+                                finished=self.estimated_end(machine, now))
                 else:
                     cpu = domain.cpu_seconds
                     elapsed = now - (machine.heartbeat or now)
@@ -201,6 +202,14 @@ class Factory:
                 log.warning("destroying zombie domain %s (%s): no live machine has this UUID",
                             domain.name, domain.uuid)
                 self.spawn(self.run_blocking(self.works.destroy, domain.uuid), None)
+
+    def estimated_end(self, machine: Machine, now: float) -> float:
+        """When a machine found gone by reconcile ended: its last sign of life, never after now."""
+        seen = [machine.heartbeat or machine.started or machine.created]
+        activity = self.store.last_activity(machine)
+        if activity is not None:
+            seen.append(activity)
+        return min(now, max(seen))
 
     async def plan_and_apply(self, now: float) -> None:
         if self.stopping.is_set():
@@ -387,6 +396,12 @@ class Factory:
         self.update(machine, state=MachineState.FINISHING, finished=self.clock())
         self.wake.set()
 
+    def on_reconnected(self) -> None:
+        """libvirtd came back: events may have been missed, so reconcile at once."""
+        log.info("reconnected to libvirt: reconciling")
+        self.reconcile_requested = True
+        self.wake.set()
+
     # -- status ------------------------------------------------------------------------------
 
     def publish_status(self, now: float) -> None:
@@ -439,10 +454,12 @@ class Factory:
         except StoreError as error:
             raise StartupError(str(error)) from error
         loop = asyncio.get_running_loop()
-        self.works = self.works_factory(self.store, settings,
-                                        on_stopped=lambda uuid: loop.call_soon_threadsafe(
-                                            self.on_domain_stopped, uuid))
+        self.works = self.works_factory(
+            self.store, settings,
+            on_stopped=lambda uuid: loop.call_soon_threadsafe(self.on_domain_stopped, uuid),
+            on_reconnected=lambda: loop.call_soon_threadsafe(self.on_reconnected))
         await self.run_blocking(self.works.connect)
+        await self.run_blocking(self.works.complete_accounting)
         self.finishes = self.store.load_finishes()
         for machine in self.store.live_machines():
             self.machines[machine.uuid] = machine
@@ -491,7 +508,8 @@ class Factory:
         ready = False
         while not self.stopping.is_set():
             monotonic = loop.time()
-            reconcile = monotonic >= next_reconcile
+            reconcile = monotonic >= next_reconcile or self.reconcile_requested
+            self.reconcile_requested = False
             if reconcile:
                 next_reconcile = monotonic + self.config.settings.reconcile_seconds
             try:

@@ -50,16 +50,20 @@ class MachineWorks:
     """Creates, stops, lists and cleans up machines with libvirt, disks and the store."""
 
     def __init__(self, store: Store, settings: Settings,
-                 on_stopped: Callable[[str], None]):
+                 on_stopped: Callable[[str], None], on_reconnected: Callable[[], None]):
         self.store = store
         self.settings = settings
         self.on_stopped = on_stopped
+        self.on_reconnected = on_reconnected
         self.hypervisor = hypervisor.Hypervisor(settings.libvirt_uri, self._on_event)
         self.images = None
 
     def _on_event(self, event: hypervisor.DomainEvent) -> None:
+        """On libvirt's event thread: only hand the news over to the loop."""
         if event.stopped:
             self.on_stopped(event.uuid)
+        elif event.kind is hypervisor.EventKind.RECONNECTED:
+            self.on_reconnected()
 
     def connect(self) -> None:
         self.hypervisor.connect()
@@ -143,6 +147,12 @@ class MachineWorks:
                 end: float) -> None:
         result = apel.write_accounting(settings, machinetype, machine, end, machine.cpu_seconds)
         log.info("accounting for %s: %s", machine.name, result)
+
+    def complete_accounting(self) -> None:
+        """Finish publishing records a crash interrupted (see vac.apel)."""
+        completed = apel.complete_pending(self.settings)
+        if completed:
+            log.info("completed %d interrupted APEL records", completed)
 
     def release(self, machine: Machine, settings: Settings) -> None:
         """Remove the machine's disks (files, and its logical volume if any). Idempotent."""

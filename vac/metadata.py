@@ -63,6 +63,7 @@ OPENSTACK_VERSIONS = ("2012-08-10", "2013-04-04", "2013-10-17", "2015-10-15", "2
                       "2016-10-06", "2017-02-22", "2018-08-27", "latest")
 EC2_KEY_NAME = "root"  # the name shown for key 0 in the EC2 public-keys/ listing
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # user_data and MJF values larger than this are a bug
+CLIENT_GONE = 499  # logged (nginx's convention) when a client leaves before the answer
 LINGER_SECONDS = 2.0  # after an early refusal, discard what the client still sends this long
 
 Resolver = Callable[[int], Optional["MachineContext"]]
@@ -398,8 +399,11 @@ class _Service:
         try:
             try:
                 response = await self.handle(request, context)
-            except ConnectionError:
-                raise  # the client went away: nothing to answer
+            except (ConnectionError, asyncio.CancelledError):
+                # The client went away (aiohttp cancels the handler): nothing to answer. A
+                # joboutput whose body had arrived is still written (the write is shielded).
+                status, problem = CLIENT_GONE, ": client closed the connection"
+                raise
             except OSError as error:  # the machine's files: unreadable, too big, disk trouble
                 problem = f": {error}"
                 response = _status(500, "this machine's data cannot be read")
@@ -409,7 +413,7 @@ class _Service:
             dropped = self.log_limiter.admit(who)
             if dropped is not None:
                 note = f" ({dropped} lines from {who} suppressed)" if dropped else ""
-                log.log(logging.ERROR if status >= 500 else logging.INFO,
+                log.log(logging.ERROR if 500 <= status < 600 else logging.INFO,
                         "%s %s %s %s %d%s%s", self.name, who, request.method,
                         repr(request.raw_path[:200])[1:-1], status, problem, note)
 

@@ -36,6 +36,13 @@ SUBDIRECTORIES = ("machines", "slots", "finishes", "tmp", "imagecache", "machine
                   "pipescache", "apel-archive", "apel-outgoing")
 
 
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:
+        return []
+
+
 def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically with permissions ``mode`` (set before the rename)."""
     path = Path(path)
@@ -138,6 +145,19 @@ class Store:
             return (self.machine_dir(machine) / "joboutputs" / name).stat().st_mtime
         except OSError:
             return None
+
+    def last_activity(self, machine: Machine) -> Optional[float]:
+        """Newest mtime of what a running VM writes (its console log and joboutputs): the best
+        estimate of when a VM ended while nobody was watching (vacd down)."""
+        directory = self.machine_dir(machine)
+        newest = None
+        for path in [directory / "console.log", *_entries(directory / "joboutputs")]:
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            newest = mtime if newest is None else max(newest, mtime)
+        return newest
 
     def vm_shutdown_message(self, machine: Machine, limit: int = 256) -> Optional[str]:
         """First line of ``joboutputs/shutdown_message`` (bounded, printable), or None."""
