@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.fakes import FakeClock, FakeWorks
+from tests.fakes import FakeClock, FakeDomain, FakeWorks
 from vac import config as configmod
 from vac.daemon import Factory
 from vac.model import MachineState
@@ -83,21 +83,38 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+async def cycle(factory, reconcile=True):
+    await factory.cycle(reconcile=reconcile)
+    await settle(factory)
+
+
+async def started(tmp_path, clock, prepare=None, **kwargs):
+    """A factory after its start and first cycle, and its recording fake (``prepare(works)``
+    runs before that cycle)."""
+    factory = make_factory(tmp_path, clock, **kwargs)
+    await factory.start()
+    works = FakeWorks.instances[-1]
+    if prepare is not None:
+        prepare(works)
+    await cycle(factory)
+    return factory, works
+
+
+async def power_off(factory, works, uuid):
+    works.power_off(uuid)
+    await asyncio.sleep(0)  # the event reaches the loop through call_soon_threadsafe
+    await settle(factory)
+
+
 def test_fills_free_processors_and_refills_a_slot_after_poweroff(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock)
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(tmp_path, clock)
         assert [call[1] for call in works.named("create")] == ["f1-00.example.org",
                                                                "f1-01.example.org"]
         assert all(m.state is MachineState.RUNNING for m in factory.machines.values())
         first = next(m for m in factory.machines.values() if m.slot == 0)
         clock.advance(120)
-        works.power_off(first.uuid)
-        await asyncio.sleep(0)
-        await settle(factory)
+        await power_off(factory, works, first.uuid)
         assert works.named("account") == [("account", first.uuid, clock.now)]
         assert ("release", first.name) in works.calls
         record = json.loads((factory.store.machine_dir(first) / "machine.json").read_text())
@@ -112,22 +129,15 @@ def test_fills_free_processors_and_refills_a_slot_after_poweroff(tmp_path, clock
 
 def test_no_more_work_backs_off_the_machinetype(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock, processors=1)
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(tmp_path, clock, processors=1)
         machine = next(iter(factory.machines.values()))
         factory.store.write_file(machine, "joboutputs/shutdown_message", "300 No more work")
         clock.advance(120)
-        works.power_off(machine.uuid)
-        await asyncio.sleep(0)
-        await settle(factory)
+        await power_off(factory, works, machine.uuid)
         assert len(works.named("create")) == 1, "in backoff: nothing new"
         assert factory.finishes["lhcb"].shutdown_message == "300 No more work"
         clock.advance(601)
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        await cycle(factory)
         assert len(works.named("create")) == 2, "backoff over"
         await factory.shutdown()
 
@@ -136,16 +146,10 @@ def test_no_more_work_backs_off_the_machinetype(tmp_path, clock):
 
 def test_fizzled_machine_without_message_is_not_accounted_and_backs_off(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock, processors=1)
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(tmp_path, clock, processors=1)
         machine = next(iter(factory.machines.values()))
         clock.advance(10)
-        works.power_off(machine.uuid)
-        await asyncio.sleep(0)
-        await settle(factory)
+        await power_off(factory, works, machine.uuid)
         assert works.named("account") == []
         message = (factory.store.machine_dir(machine) / "joboutputs" / "shutdown_message").read_text()
         assert message.startswith("300 Vac detects fizzle after 10 seconds")
@@ -157,16 +161,12 @@ def test_fizzled_machine_without_message_is_not_accounted_and_backs_off(tmp_path
 
 def test_stalled_heartbeat_is_killed_with_700(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock, processors=1,
-                               machinetype_extra="heartbeat_file = heartbeat\nheartbeat_seconds = 300")
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(
+            tmp_path, clock, processors=1,
+            machinetype_extra="heartbeat_file = heartbeat\nheartbeat_seconds = 300")
         machine = next(iter(factory.machines.values()))
         clock.advance(400)  # past fizzle_seconds and heartbeat_seconds: no heartbeat file at all
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        await cycle(factory)
         assert ("shutdown", machine.uuid) in works.calls
         message = (factory.store.machine_dir(machine) / "joboutputs" / "shutdown_message").read_text()
         assert message.startswith("700 Heartbeat file not")
@@ -178,16 +178,11 @@ def test_stalled_heartbeat_is_killed_with_700(tmp_path, clock):
 
 def test_deadline_destroys_after_grace_when_acpi_is_ignored(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock, processors=1)
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        works.acpi_works = False
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(tmp_path, clock, processors=1,
+                                       prepare=lambda works: setattr(works, "acpi_works", False))
         machine = next(iter(factory.machines.values()))
         factory.store.write_file(machine, "joboutputs/heartbeat", "ok")
         clock.advance(3601)
-        factory.config = factory.config.replace(settings=factory.config.settings)
         await factory.cycle(reconcile=False)
         await asyncio.wait_for(settle(factory), 20)
         assert ("shutdown", machine.uuid) in works.calls
@@ -200,11 +195,7 @@ def test_deadline_destroys_after_grace_when_acpi_is_ignored(tmp_path, clock):
 
 def test_restart_adopts_running_and_finishes_vanished_exactly_once(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock)
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(tmp_path, clock)
         clock.advance(120)
         await factory.cycle(reconcile=True)  # records a heartbeat: they ran 120 s
         survivor, vanished = sorted(factory.machines.values(), key=lambda m: m.slot)
@@ -229,11 +220,9 @@ def test_restart_adopts_running_and_finishes_vanished_exactly_once(tmp_path, clo
             FakeWorks.__init__ = original_init
         works = FakeWorks.instances[-1]
         assert restarted.machines[survivor.uuid].state is MachineState.RUNNING
-        await restarted.cycle(reconcile=True)
-        await settle(restarted)
+        await cycle(restarted)
         assert [call[1] for call in works.named("account")] == [vanished.uuid]
-        await restarted.cycle(reconcile=True)
-        await settle(restarted)
+        await cycle(restarted)
         assert [call[1] for call in works.named("account")] == [vanished.uuid]
         await restarted.shutdown()
 
@@ -242,14 +231,10 @@ def test_restart_adopts_running_and_finishes_vanished_exactly_once(tmp_path, clo
 
 def test_zombie_domain_is_destroyed(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock, processors=1)
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        from tests.fakes import FakeDomain
+        def add_zombie(works):
+            works.domains["zombie"] = FakeDomain("zombie", "f1-07.example.org")
 
-        works.domains["zombie"] = FakeDomain("zombie", "f1-07.example.org")
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(tmp_path, clock, processors=1, prepare=add_zombie)
         assert ("destroy", "zombie") in works.calls
         await factory.shutdown()
 
@@ -258,12 +243,8 @@ def test_zombie_domain_is_destroyed(tmp_path, clock):
 
 def test_creation_failure_is_reported_and_backs_off(tmp_path, clock):
     async def scenario():
-        factory = make_factory(tmp_path, clock, processors=1)
-        await factory.start()
-        works = FakeWorks.instances[-1]
-        works.fail_creates = 1
-        await factory.cycle(reconcile=True)
-        await settle(factory)
+        factory, works = await started(tmp_path, clock, processors=1,
+                                       prepare=lambda works: setattr(works, "fail_creates", 1))
         status = json.loads((tmp_path / "state" / "status.json").read_text())
         assert "fake creation failure" in status["last_creation_error"]
         assert factory.finishes["lhcb"].shutdown_message.startswith("500 Vac could not create")
