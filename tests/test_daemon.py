@@ -253,3 +253,19 @@ def test_creation_failure_is_reported_and_backs_off(tmp_path, clock):
         await factory.shutdown()
 
     run(scenario())
+
+
+def test_finished_machine_directories_expire_but_live_ones_stay(tmp_path, clock):
+    async def scenario():
+        factory, works = await started(tmp_path, clock)
+        first, second = sorted(factory.machines.values(), key=lambda m: m.slot)
+        clock.advance(120)
+        await power_off(factory, works, first.uuid)
+        clock.advance(3.5 * 86400)  # machines_dir_days defaults to 3
+        await factory.cycle(reconcile=True)
+        await asyncio.gather(*list(factory.tasks), return_exceptions=True)
+        assert not factory.store.machine_dir(first).exists()
+        assert factory.store.machine_dir(second).exists(), "still running: never removed"
+        await factory.shutdown()
+
+    run(scenario())

@@ -33,6 +33,8 @@ log = logging.getLogger("vacd")
 
 EXECUTOR_THREADS = 8
 DEFAULT_PIDFILE = "/run/vacd.pid"
+EXPIRY_INTERVAL_SECONDS = 3600.0
+DEFAULT_MACHINES_DIR_DAYS = 3.0  # for machinetypes no longer configured (classic)
 # VMs may talk to the services while they exist: from creation (user_data is written before the
 # domain starts) until they are finished.
 SERVED_STATES = (MachineState.CREATING, MachineState.RUNNING, MachineState.STOPPING)
@@ -87,6 +89,8 @@ class Factory:
         self.stopping = asyncio.Event()
         self.reload_requested = False
         self.reconcile_requested = False
+        self.last_notes: set[str] = set()
+        self.next_expiry = 0.0
         self.busy: set[str] = set()  # uuids with a create/stop/finish step in flight
         self.tasks: set[asyncio.Task] = set()
         self.services: list = []
@@ -158,6 +162,9 @@ class Factory:
         now = self.clock()
         if reconcile:
             await self.reconcile(now)
+            if now >= self.next_expiry:
+                self.next_expiry = now + EXPIRY_INTERVAL_SECONDS
+                self.spawn(self.run_blocking(self.expire_machine_dirs, now), None)
         for machine in self.live():
             if machine.state is MachineState.FINISHING and machine.uuid not in self.busy:
                 self.spawn(self.finish(machine), machine.uuid)
@@ -203,6 +210,14 @@ class Factory:
                             domain.name, domain.uuid)
                 self.spawn(self.run_blocking(self.works.destroy, domain.uuid), None)
 
+    def expire_machine_dirs(self, now: float) -> None:
+        """Delete finished machines' directories after their machinetype's machines_dir_days."""
+        days = {name: mt.machines_dir_days for name, mt in self.config.machinetypes.items()}
+        removed = self.store.expire_machine_dirs(list(self.machines), days,
+                                                 DEFAULT_MACHINES_DIR_DAYS, now)
+        if removed:
+            log.info("removed %d expired machine directories", len(removed))
+
     def estimated_end(self, machine: Machine, now: float) -> float:
         """When a machine found gone by reconcile ended: its last sign of life, never after now."""
         seen = [machine.heartbeat or machine.started or machine.created]
@@ -232,8 +247,12 @@ class Factory:
             host=host, reports=reports, heartbeat_mtimes=heartbeat_mtimes, now=now,
             daemon_started=self.started)
         plan = scheduler.plan(snapshot, self.rng)
+        # Notes repeat every cycle while a condition lasts: log each when it starts to hold.
+        notes = set(plan.notes)
         for note in plan.notes:
-            log.debug("plan: %s", note)
+            if note not in self.last_notes:
+                log.info("plan: %s", note)
+        self.last_notes = notes
         for action in plan.actions:
             self.apply(action, now)
 
