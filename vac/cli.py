@@ -256,6 +256,159 @@ def register_simulate_commands(commands: argparse._SubParsersAction) -> None:
     simulate.set_defaults(func=cmd_simulate)
 
 
+def _vacquery(args: argparse.Namespace, kind: str):
+    """Load the configuration and run one VacQuery query for ``vac COMMAND``.
+
+    Returns (settings, result), or None after printing why not.
+    """
+    import asyncio
+
+    from vac import config as configmod
+    from vac import vacquery
+
+    command = args.command
+    config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
+    if config is None:
+        for problem in problems:
+            if problem.is_error:
+                print(f"vac {command}: {problem}", file=sys.stderr)
+        return None
+    settings = config.settings
+    if args.timeout is not None and not 0 < args.timeout <= 3600:
+        print(f"vac {command}: --timeout must be between 0 and 3600 seconds", file=sys.stderr)
+        return None
+    try:
+        secret = vacquery.load_secret(settings)
+    except vacquery.SecretError as error:
+        secret = None  # usual without root: the secret file is root's
+        if not settings.vacquery_allow_unauthenticated:
+            print(f"vac {command}: {error}; factories that require authentication will not answer",
+                  file=sys.stderr)
+    factories = getattr(args, "factories", None) or None
+    result = asyncio.run(vacquery.query(settings, kind, factories, args.timeout, space=args.space,
+                                        client=vacquery.COMMAND_CLIENT, secret=secret))
+    return settings, result
+
+
+def _print_status(args: argparse.Namespace, result, table: str) -> int:
+    """The table (or with --json the raw messages, problems on stderr); 1 unless all answered."""
+    import json
+
+    from vac import vacquery
+
+    if args.json:
+        print(json.dumps(result.messages, indent=2))
+        for line in vacquery.problem_lines(result):
+            print(f"vac {args.command}: {line}", file=sys.stderr)
+    else:
+        sys.stdout.write(table)
+    return 0 if result.complete else 1
+
+
+def cmd_machines(args: argparse.Namespace) -> int:
+    """One line per slot of every factory (or of the factories named)."""
+    import time
+
+    from vac import vacquery
+
+    done = _vacquery(args, vacquery.MACHINES)
+    if done is None:
+        return 1
+    return _print_status(args, done[1], vacquery.render_machines(done[1], time.time()))
+
+
+def cmd_machinetypes(args: argparse.Namespace) -> int:
+    """Per factory and machinetype: machines, processors, HS06, last shutdown; then totals."""
+    import time
+
+    from vac import vacquery
+
+    done = _vacquery(args, vacquery.MACHINETYPES)
+    if done is None:
+        return 1
+    result = done[1]
+    wanted = getattr(args, "machinetype", None)
+    if wanted is not None:
+        result.messages = [message for message in result.messages if message.get("machinetype") == wanted]
+    return _print_status(args, result, vacquery.render_machinetypes(result, time.time(), wanted))
+
+
+def cmd_factories(args: argparse.Namespace) -> int:
+    """One line per factory: processors, machines, HS06, load, disk, memory, version."""
+    import time
+
+    from vac import vacquery
+
+    done = _vacquery(args, vacquery.FACTORY)
+    if done is None:
+        return 1
+    return _print_status(args, done[1], vacquery.render_factories(done[1], time.time()))
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    """Find MACHINE in the space and replace this process with ssh to it as root."""
+    import os
+
+    from vac import vacquery
+
+    done = _vacquery(args, vacquery.MACHINES)
+    if done is None:
+        return 1
+    settings, result = done
+    found = vacquery.find_machine(result.reports, args.machine)
+    live = [machine for machine in found if machine.state in vacquery.LIVE_STATES]
+    if len(live) != 1:
+        if len(live) > 1:
+            why = "is ambiguous: " + ", ".join(f"{m.machine} on {m.factory}" for m in live)
+        elif found:
+            why = "is not running: " + ", ".join(f"{m.machine} on {m.factory} is {m.state}" for m in found)
+        else:
+            why = "was not found"
+        print(f"vac ssh: {args.machine} {why}", file=sys.stderr)
+        for line in vacquery.problem_lines(result):
+            print(f"vac ssh: {line}", file=sys.stderr)
+        return 1
+    try:
+        argv = vacquery.ssh_argv(live[0], settings, args.remote_command)
+        sys.stdout.flush()
+        os.execvp(argv[0], argv)
+    except (ValueError, OSError) as error:
+        print(f"vac ssh: {error}", file=sys.stderr)
+    return 1
+
+
+def _add_query_options(parser: argparse.ArgumentParser, listing: bool = True) -> None:
+    parser.add_argument("-s", "--space", help="ask about this space instead of vac_space")
+    parser.add_argument("-t", "--timeout", type=float, metavar="SECONDS",
+                        help="give up waiting after this long (default udp_timeout_seconds)")
+    if listing:
+        parser.add_argument("-J", "--json", action="store_true", help="print the raw VacQuery messages as JSON")
+        parser.add_argument("factories", nargs="*", metavar="FACTORY",
+                            help="ask only these factories (. is this one; default: all of the space)")
+
+
+def register_vacquery_commands(commands: argparse._SubParsersAction) -> None:
+    machines = commands.add_parser("machines", help="list the machines of the space")
+    _add_query_options(machines)
+    machines.set_defaults(func=cmd_machines)
+    machinetypes = commands.add_parser("machinetypes", help="machines per machinetype and factory, last shutdowns")
+    _add_query_options(machinetypes)
+    machinetypes.set_defaults(func=cmd_machinetypes, machinetype=None)
+    machinetype = commands.add_parser("machinetype", help="vac machinetypes for one machinetype")
+    machinetype.add_argument("machinetype", metavar="NAME")
+    _add_query_options(machinetype)
+    machinetype.set_defaults(func=cmd_machinetypes)
+    factories = commands.add_parser("factories", help="list the factories of the space")
+    _add_query_options(factories)
+    factories.set_defaults(func=cmd_factories)
+    ssh = commands.add_parser("ssh", help="ssh to a machine as root, wherever in the space it runs")
+    _add_query_options(ssh, listing=False)
+    ssh.add_argument("machine", metavar="MACHINE", help="machine name, short name or UUID")
+    ssh.add_argument("remote_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                     help="command to run instead of a login shell")
+    ssh.set_defaults(func=cmd_ssh)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vac", description="Vac VM factory: status, configuration and tools.")
     parser.add_argument("--version", action="version", version=f"vac {__version__}")
@@ -268,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ops_commands(commands)
     register_apel_commands(commands)
     register_simulate_commands(commands)
+    register_vacquery_commands(commands)
     return parser
 
 

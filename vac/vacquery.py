@@ -1463,7 +1463,7 @@ def read_factory_status(settings: Settings, *, running_processors: int, running_
     vac_kb, vac_inodes = _disk(settings.state_dir)
     try:
         with open(os.path.join(proc, "uptime"), encoding="ascii") as handle:
-            boot_time: Optional[int] = int(now - float(handle.read().split()[0]))
+            boot_time: Optional[int] = round(now - float(handle.read().split()[0]))
     except (OSError, ValueError, IndexError):
         boot_time = None
     try:
@@ -1545,18 +1545,23 @@ def _kib(value: Optional[int]) -> str:
     return f"{value}K"
 
 
+def _factories(count: int) -> str:
+    return f"{count} factory" if count == 1 else f"{count} factories"
+
+
 def _short(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def _problem_lines(result: QueryResult) -> list:
+def problem_lines(result: QueryResult) -> list:
+    """Lines naming the factories that did not answer, or not completely."""
     lines = []
     if result.silent:
         named = [f"{name} ({result.problems[name]})" if name in result.problems else name
                  for name in result.silent]
-        lines.append(f"no answer from {len(result.silent)} factories: {', '.join(named)}")
+        lines.append(f"no answer from {_factories(len(result.silent))}: {', '.join(named)}")
     if result.incomplete:
-        lines.append(f"incomplete answer from {len(result.incomplete)} factories: "
+        lines.append(f"incomplete answer from {_factories(len(result.incomplete))}: "
                      f"{', '.join(result.incomplete)}")
     return lines
 
@@ -1594,11 +1599,11 @@ def render_machines(result: QueryResult, now: float) -> str:
     others = sum(count for state, count in counts.items()
                  if state not in ("Running", "Starting", "Shut down"))
     lines.append(
-        f"{len(result.reports)} slots on {len(result.answered) + len(result.incomplete)} factories: "
+        f"{len(result.reports)} slots on {_factories(len(result.answered) + len(result.incomplete))}: "
         f"{counts['Running']} running, {counts['Starting']} starting, "
         f"{counts['Shut down']} shut down" + (f", {others} other" if others else "")
         + f"; {processors} processors and {hs06:.1f} HS06 in use")
-    return "\n".join(lines + _problem_lines(result)) + "\n"
+    return "\n".join(lines + problem_lines(result)) + "\n"
 
 
 def render_machinetypes(result: QueryResult, now: float, machinetype: Optional[str] = None) -> str:
@@ -1629,9 +1634,9 @@ def render_machinetypes(result: QueryResult, now: float, machinetype: Optional[s
     processors = sum(t[1] for t in totals.values())
     hs06 = sum(t[2] for t in totals.values())
     what = f"machinetype {printable(machinetype)}" if machinetype else f"{len(totals)} machinetypes"
-    lines.append(f"{what} on {len(result.answered) + len(result.incomplete)} factories: "
+    lines.append(f"{what} on {_factories(len(result.answered) + len(result.incomplete))}: "
                  f"{machines} machines, {processors} processors, {hs06:.1f} HS06")
-    return "\n".join(lines + _problem_lines(result)) + "\n"
+    return "\n".join(lines + problem_lines(result)) + "\n"
 
 
 def render_factories(result: QueryResult, now: float) -> str:
@@ -1659,9 +1664,9 @@ def render_factories(result: QueryResult, now: float) -> str:
     lines = format_table(["FACTORY", "PROC", "MACHINES", "HS06", "LOAD", "ROOT FREE", "VAC FREE",
                           "MEMORY", "UP", "CYCLE", "VERSION", "OS"], rows,
                          right=(1, 2, 3, 4, 5, 6, 7, 8, 9)) if rows else []
-    lines.append(f"{len(result.reports)} factories: {running}/{maximum} processors, "
+    lines.append(f"{_factories(len(result.reports))}: {running}/{maximum} processors, "
                  f"{machines} machines, {hs06:.0f}/{max_hs06:.0f} HS06 in use")
-    return "\n".join(lines + _problem_lines(result)) + "\n"
+    return "\n".join(lines + problem_lines(result)) + "\n"
 
 
 def find_machine(reports: Iterable[MachineStatus], wanted: str) -> list:
