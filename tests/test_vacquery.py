@@ -1,6 +1,6 @@
 """VacQuery codec, validation, authentication, responder logic, tables and ssh (pure tier).
 
-The responder and client logic is driven through a recording transport, without sockets;
+The responder and client logic is driven through a recording socket, without the network;
 tests/test_vacquery_component.py runs the same code over real loopback sockets.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -374,10 +375,10 @@ def test_load_secret(tmp_path):
     assert vacquery.load_secret(make_settings(vacquery_secret_file=str(path))) == SECRET
 
 
-# --- responder logic with a recording transport --------------------------------------------------
+# --- responder logic with a recording socket -----------------------------------------------------
 
 
-class RecordingTransport:
+class RecordingSocket:
     def __init__(self):
         self.sent = []
 
@@ -386,9 +387,6 @@ class RecordingTransport:
 
     def close(self):
         pass
-
-    def get_extra_info(self, name):
-        return None
 
 
 class Clock:
@@ -410,14 +408,14 @@ def make_responder(secret=None, **changes):
     responder = vacquery.Responder(make_settings(**changes), lambda: SNAPSHOT, secret, clock=clock,
                                    wall_clock=lambda: NOW, rate=5, burst=10)
     responder.factory_addresses = frozenset({"192.0.2.1", "192.0.2.2"})
-    responder.connection_made(RecordingTransport())
+    responder.attach(RecordingSocket())
     return responder, clock
 
 
 def test_responder_answers_a_space_factory_with_every_slot_and_copies_the_cookie():
     responder, _ = make_responder()
     responder.datagram_received(vacquery.encode_query(vacquery.MACHINES, SPACE, COOKIE), ("192.0.2.2", 5000))
-    sent = responder.transport.sent
+    sent = responder.sock.sent
     assert len(sent) == 12 and {addr for _, addr in sent} == {("192.0.2.2", 5000)}
     responses = [vacquery.parse_response(data)[0] for data, _ in sent]
     assert {response.cookie for response in responses} == {COOKIE}
@@ -430,7 +428,7 @@ def test_responder_answers_a_space_factory_with_every_slot_and_copies_the_cookie
 def test_responder_replies_match_the_direct_encoding():
     responder, _ = make_responder()
     responder.datagram_received(vacquery.encode_query(vacquery.FACTORY, SPACE, COOKIE), ("192.0.2.2", 5000))
-    [(data, _)] = responder.transport.sent
+    [(data, _)] = responder.sock.sent
     assert data == vacquery.encode_factory_status(FACTORY_STATUS, make_settings(), cookie=COOKIE, time_sent=NOW)
 
 
@@ -438,12 +436,12 @@ def test_sources_outside_the_space_get_no_amplification():
     responder, _ = make_responder()
     query = vacquery.encode_query(vacquery.MACHINETYPES, SPACE, COOKIE)
     responder.datagram_received(query, ("198.51.100.7", 5000))
-    assert responder.transport.sent == [] and responder.truncated == 1  # one reply is > 3 queries
+    assert responder.sock.sent == [] and responder.truncated == 1  # one reply is > 3 queries
     padded = query[:-1] + b',"padding":"' + b"x" * 1200 + b'"}'
     responder.datagram_received(padded, ("198.51.100.7", 5000))
-    sent_bytes = sum(len(data) for data, _ in responder.transport.sent)
+    sent_bytes = sum(len(data) for data, _ in responder.sock.sent)
     assert 0 < sent_bytes <= vacquery.AMPLIFICATION_FACTOR * len(padded)
-    assert len(responder.transport.sent) < 20 and responder.truncated == 2
+    assert len(responder.sock.sent) < 20 and responder.truncated == 2
 
 
 def test_per_source_rate_limit_and_recovery():
@@ -451,12 +449,12 @@ def test_per_source_rate_limit_and_recovery():
     query = vacquery.encode_query(vacquery.FACTORY, SPACE, COOKIE)
     for _ in range(15):
         responder.datagram_received(query, ("192.0.2.2", 5000))
-    assert len(responder.transport.sent) == 10 and responder.drops.counts["rate limit"] == 5
+    assert len(responder.sock.sent) == 10 and responder.drops.counts["rate limit"] == 5
     responder.datagram_received(query, ("192.0.2.1", 5000))  # another source has its own bucket
-    assert len(responder.transport.sent) == 11
+    assert len(responder.sock.sent) == 11
     clock.now += 1.0
     responder.datagram_received(query, ("192.0.2.2", 5000))
-    assert len(responder.transport.sent) == 12
+    assert len(responder.sock.sent) == 12
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -469,7 +467,7 @@ def test_responder_drops_bad_queries_silently_with_a_rate_limited_log(data, reas
     responder, _ = make_responder()
     for _ in range(3):
         responder.datagram_received(data, ("192.0.2.2", 5000))
-    assert responder.transport.sent == []
+    assert responder.sock.sent == []
     assert sum(responder.drops.counts.values()) == 3
     lines = [record for record in caplog.records if reason in record.getMessage()]
     assert len(lines) == 1  # one line, not one per datagram
@@ -483,24 +481,24 @@ def test_responder_survives_a_failing_status_provider(caplog):
 
     responder.status_provider = broken
     responder.datagram_received(vacquery.encode_query(vacquery.MACHINES, SPACE, COOKIE), ("192.0.2.2", 1))
-    assert responder.transport.sent == [] and "internal error: RuntimeError" in responder.drops.counts
+    assert responder.sock.sent == [] and "internal error: RuntimeError" in responder.drops.counts
 
 
 def test_responder_with_a_secret_signs_and_enforces_site_policy():
     responder, _ = make_responder(SECRET, vacquery_allow_unauthenticated=False)
     plain = vacquery.encode_query(vacquery.FACTORY, SPACE, COOKIE)
     responder.datagram_received(plain, ("192.0.2.2", 5000))
-    assert responder.transport.sent == [] and responder.drops.counts == {"unsigned message": 1}
+    assert responder.sock.sent == [] and responder.drops.counts == {"unsigned message": 1}
     signed = vacquery.Authenticator(SECRET).seal(plain)
     responder.datagram_received(signed, ("192.0.2.2", 5000))
-    [(data, _)] = responder.transport.sent
+    [(data, _)] = responder.sock.sent
     assert vacquery.Authenticator(SECRET, False).check(data, json.loads(data), "r") is None
 
 
 def test_classic_clients_keep_working_when_the_site_allows_unsigned_peers():
     responder, _ = make_responder(SECRET, vacquery_allow_unauthenticated=True)
     responder.datagram_received(vacquery.encode_query(vacquery.FACTORY, SPACE, COOKIE), ("192.0.2.2", 1))
-    [(data, _)] = responder.transport.sent
+    [(data, _)] = responder.sock.sent
     assert "hmac" in json.loads(data)  # an extra key a classic client ignores
 
 
@@ -515,7 +513,56 @@ def test_responder_caches_renderings_per_snapshot():
     assert responder._templates[vacquery.MACHINETYPES] is first
     snapshots.append(dataclasses.replace(SNAPSHOT, machinetypes=SNAPSHOT.machinetypes[:2]))
     responder.datagram_received(query, ("192.0.2.2", 1))
-    assert len(responder.transport.sent) == 20 + 20 + 2
+    assert len(responder.sock.sent) == 20 + 20 + 2
+
+
+class SegmentingSocket(RecordingSocket):
+    """Splits a UDP_SEGMENT sendmsg into datagrams as the kernel does."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def sendmsg(self, buffers, ancillary, flags, addr):
+        [(level, option, data)] = ancillary
+        assert (level, option) == (vacquery.SOL_UDP, vacquery.UDP_SEGMENT)
+        size = struct.unpack("=H", data)[0]
+        payload = b"".join(buffers)
+        self.sent += [(payload[at:at + size], addr) for at in range(0, len(payload), size)]
+        self.batches += 1
+
+
+def test_replies_of_similar_size_share_one_segmented_send(monkeypatch):
+    monkeypatch.setattr(vacquery.sys, "platform", "linux")
+    messages = ["", "300 x", "300 " + "y" * 200, "", "200 Success"] * 4
+    snapshot = dataclasses.replace(SNAPSHOT, machinetypes=[
+        dataclasses.replace(REPORT, machinetype=f"type{n:02d}", shutdown_message=message)
+        for n, message in enumerate(messages)])
+    responder, _ = make_responder()
+    responder.status_provider = lambda: snapshot
+    responder.attach(SegmentingSocket())
+    responder.datagram_received(vacquery.encode_query(vacquery.MACHINETYPES, SPACE, COOKIE), ("192.0.2.2", 1))
+    sent = [data for data, _ in responder.sock.sent]
+    assert 1 < responder.sock.batches < 20 and len(sent) == 20
+    keys = sorted(vacquery.parse_response(data)[0].key for data in sent)
+    assert keys == [f"type{n:02d}" for n in range(20)]
+    assert all(len(data) - len(data.rstrip(b" ")) <= vacquery.GSO_MAX_PADDING for data in sent)
+    assert all(json.loads(data)["cookie"] == COOKIE for data in sent)  # classic json.loads too
+
+
+def test_gso_batches_bound_padding_and_segments():
+    replies = [b"x" * size for size in (700, 650, 600, 500, 1300, 1299)] + [b"y" * 100] * 70
+    batches = vacquery.gso_batches(replies)
+    assert sorted(sum(batches, []), key=len) == sorted(replies, key=len)
+    for batch in batches:
+        assert len(batch) <= vacquery.GSO_MAX_SEGMENTS
+        assert all(len(batch[0]) - len(reply) <= vacquery.GSO_MAX_PADDING for reply in batch)
+    assert [len(batch) for batch in batches] == [2, 2, 1, 1, 64, 6]
+
+
+def test_padded_signed_datagrams_still_verify():
+    sealed = vacquery.Authenticator(SECRET).seal(encoded_messages()["machinetype_status"]) + b" " * 40
+    assert vacquery.Authenticator(SECRET, False).check(sealed, json.loads(sealed), "p") is None
 
 
 # --- client receive logic ------------------------------------------------------------------------

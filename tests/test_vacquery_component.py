@@ -128,23 +128,24 @@ def test_partial_results_come_back_when_replies_are_lost(peers):
     counter = {"n": 0}
 
     class Lossy:
-        def __init__(self, transport):
-            self.transport = transport
+        def __init__(self, sock):
+            self.sock = sock
 
         def sendto(self, data, addr):
             counter["n"] += 1
             if counter["n"] % 2 or counter["n"] > 30:
-                self.transport.sendto(data, addr)
+                self.sock.sendto(data, addr)
 
     def lossy_answer(data, addr):
-        real = responder.transport
-        responder.transport = Lossy(real)
+        real = responder.sock
+        responder.sock = Lossy(real)
         try:
             original(data, addr)
         finally:
-            responder.transport = real
+            responder.sock = real
 
     responder._answer = lossy_answer
+    responder._gso = False  # datagram by datagram, so that the loss pattern is per datagram
     result = asyncio.run(vacquery.query_machines(factory_settings(factories[0], factories), timeout=3.0))
     assert result.complete and len(result.reports) == 10
 
