@@ -269,3 +269,31 @@ def test_finished_machine_directories_expire_but_live_ones_stay(tmp_path, clock)
         await factory.shutdown()
 
     run(scenario())
+
+
+def test_the_responder_reports_the_factory_from_its_model(tmp_path, clock):
+    from vac import vacquery
+    from vac.config import FactoryAddress
+
+    async def scenario():
+        factory, works = await started(tmp_path, clock)
+        first = next(m for m in factory.machines.values() if m.slot == 0)
+        clock.advance(120)
+        factory.store.write_file(first, "joboutputs/shutdown_message", "300 No more work")
+        await power_off(factory, works, first.uuid)
+        port = factory.responder.address[1]
+        me = [FactoryAddress("f1.example.org", "127.0.0.1", port)]
+        settings = factory.config.settings
+        machines = await vacquery.query_machines(settings, me, timeout=5)
+        assert machines.silent == []
+        by_name = {status.machine: status for status in machines.reports}
+        assert sorted(by_name) == ["f1-00.example.org", "f1-01.example.org"]
+        assert by_name["f1-01.example.org"].state == "Running"
+        types = await vacquery.query_machinetypes(settings, me, timeout=5)
+        (lhcb,) = types.reports
+        assert lhcb.machinetype == "lhcb" and lhcb.shutdown_message == "300 No more work"
+        (status,) = (await vacquery.query_factories(settings, me, timeout=5)).reports
+        assert status.max_processors == 2 and status.running_machines == 1
+        await factory.shutdown()
+
+    run(scenario())

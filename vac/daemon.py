@@ -22,10 +22,11 @@ import time
 import uuid as uuidlib
 from typing import Callable, Optional
 
-from vac import __version__, scheduler
+from vac import __version__, scheduler, vacquery
 from vac import config as configmod
 from vac.cli import add_config_arguments
-from vac.machines import MachineWorks, read_host_facts
+from vac.hostinfo import factory_facts, read_host_facts
+from vac.machines import MachineWorks
 from vac.model import Finish, Machine, MachineState, slot_name
 from vac.store import Store, StoreError
 
@@ -38,6 +39,27 @@ DEFAULT_MACHINES_DIR_DAYS = 3.0  # for machinetypes no longer configured (classi
 # VMs may talk to the services while they exist: from creation (user_data is written before the
 # domain starts) until they are finished.
 SERVED_STATES = (MachineState.CREATING, MachineState.RUNNING, MachineState.STOPPING)
+
+
+class _ClosingService:
+    """A service whose ``close()`` is synchronous, with the async ``close()`` of the others."""
+
+    def __init__(self, service):
+        self.service = service
+
+    async def close(self) -> None:
+        self.service.close()
+
+
+class _TaskService:
+    """A long-lived task, cancelled when vacd stops."""
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
 
 
 class _RunnerService:
@@ -69,7 +91,7 @@ class Factory:
 
     def __init__(self, paths: configmod.ConfigPaths, *, clock: Callable[[], float] = time.time,
                  works_factory: Callable[..., MachineWorks] = MachineWorks,
-                 host_facts: Callable[[Store], scheduler.HostFacts] = read_host_facts,
+                 host_facts: Callable[[str], scheduler.HostFacts] = read_host_facts,
                  processor_count: Optional[int] = None,
                  rng: Optional[random.Random] = None):
         self.paths = paths
@@ -98,6 +120,9 @@ class Factory:
         self.metrics = None
         self.notifier = None
         self.responder = None
+        self.status_snapshot: Optional[vacquery.StatusSnapshot] = None
+        self.last_in_slot: dict[int, Machine] = {}  # finished machines, for VacQuery
+        self.host_status: dict = {}
         self.peer_cache = None
         self.executor = concurrent.futures.ThreadPoolExecutor(EXECUTOR_THREADS, "vacd-io")
 
@@ -120,6 +145,9 @@ class Factory:
             config = config.replace(settings=dataclasses.replace(
                 config.settings, state_dir=self.config.settings.state_dir))
         self.config = config
+        for user in (self.responder, self.peer_cache):
+            if user is not None:
+                user.settings = config.settings
         return True
 
     def expand_pipes(self, config: configmod.Config) -> configmod.Config:
@@ -162,6 +190,7 @@ class Factory:
         now = self.clock()
         if reconcile:
             await self.reconcile(now)
+            self.host_status = await self.run_blocking(factory_facts, self.config.settings.state_dir)
             if now >= self.next_expiry:
                 self.next_expiry = now + EXPIRY_INTERVAL_SECONDS
                 self.spawn(self.run_blocking(self.expire_machine_dirs, now), None)
@@ -170,6 +199,9 @@ class Factory:
                 self.spawn(self.finish(machine), machine.uuid)
         await self.plan_and_apply(now)
         self.publish_status(now)
+        if reconcile and self.config.settings.vacmon_hostport:
+            self.spawn(vacquery.send_vacmon(self.config.settings, vacquery.vacmon_cycle_messages(
+                self.config.settings, self.status_snapshot)), None)
 
     async def reconcile(self, now: float) -> None:
         """Compare the model with libvirt: adopt, finish vanished machines, kill zombies."""
@@ -230,7 +262,7 @@ class Factory:
         if self.stopping.is_set():
             return
         config = self.config
-        host = await self.run_blocking(self.host_facts, self.store)
+        host = await self.run_blocking(self.host_facts, config.settings.state_dir)
         settings = config.settings
         reports = self.local_reports(now)
         if self.peer_cache is not None:
@@ -298,6 +330,11 @@ class Factory:
         task = asyncio.get_running_loop().create_task(guarded())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def run_service(self, coroutine) -> None:
+        """Run a long-lived task (peer cache, watchdog) until vacd stops."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.services.append(_TaskService(task))
 
     def start_creation(self, action, now: float) -> None:
         settings = self.config.settings
@@ -388,19 +425,21 @@ class Factory:
             self.finishes[machine.machinetype] = finish
         await self.run_blocking(self.works.release, machine, settings)
         self.store.release_slot(machine)
-        finished = machine.replace(state=MachineState.FINISHED, finished=end)
+        finished = machine.replace(state=MachineState.FINISHED, finished=end,
+                                   shutdown_message=message, shutdown_message_time=end)
         self.store.save(finished)
         self.machines.pop(machine.uuid, None)
+        self.last_in_slot[finished.slot] = finished
         ran = (end - machine.started) if machine.started else 0
         log.info("%s (%s) finished after %ds: %s", machine.name, machine.machinetype, ran,
                  message or "no shutdown message")
-        self.spawn(self.send_machine_vacmon(finished), None)
+        if settings.vacmon_hostport:
+            status = vacquery.MachineStatus.from_machine(settings.factory_name, finished)
+            message = vacquery.vacmon_finish_message(settings, status, self.num_slots_now())
+            self.spawn(vacquery.send_vacmon(settings, [message]), None)
 
-    async def send_machine_vacmon(self, machine: Machine) -> None:
-        if self.config.settings.vacmon_hostport and self.on_finish_vacmon is not None:
-            await self.on_finish_vacmon(machine)
-
-    on_finish_vacmon = None
+    def num_slots_now(self) -> int:
+        return self.config.settings.total_processors or self.processor_count
 
     # -- events --------------------------------------------------------------------------------
 
@@ -451,6 +490,7 @@ class Factory:
         if self.notifier is not None:
             self.notifier.status(f"{len(running)}/{total} machines running, "
                                  f"{status['running_processors']}/{total} processors")
+        self.status_snapshot = self.build_status_snapshot(now, total, running)
         if self.metrics is not None:
             self.metrics.slots.set(total)
             self.metrics.total_processors.set(total)
@@ -460,6 +500,33 @@ class Factory:
                 key = (machine.machinetype, machine.state.value)
                 counts[key] = counts.get(key, 0) + 1
             self.metrics.machines.replace(counts)
+
+    def build_status_snapshot(self, now: float, slots: int, running: list) -> vacquery.StatusSnapshot:
+        """What the VacQuery responder reports until the next cycle."""
+        settings = self.config.settings
+        factory = settings.factory_name
+        by_slot = {machine.slot: machine for machine in self.live()}
+        machines = []
+        for slot in range(slots):
+            machine = by_slot.get(slot) or self.last_in_slot.get(slot)
+            if machine is None:
+                machines.append(vacquery.MachineStatus.empty_slot(factory, slot_name(factory, slot)))
+            else:
+                machines.append(vacquery.MachineStatus.from_machine(factory, machine))
+        reports = self.local_reports(now)
+        hs06_per_processor = settings.hs06_per_processor or 1.0
+        factory_status = vacquery.FactoryStatus(
+            factory=factory, running_processors=sum(m.processors for m in running),
+            running_machines=len(running),
+            running_hs06=sum(report.running_hs06 for report in reports),
+            max_processors=slots, max_machines=slots, max_hs06=slots * hs06_per_processor,
+            factory_heartbeat_time=int(self.status.loop_time),
+            responder_heartbeat_time=int(self.status.responder_time) or None,
+            mjf_heartbeat_time=int(self.status.mjf_time) or None,
+            metadata_heartbeat_time=int(self.status.metadata_time) or None,
+            **self.host_status)
+        return vacquery.StatusSnapshot(machines=machines, machinetypes=reports,
+                                       factory=factory_status)
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -493,6 +560,12 @@ class Factory:
         settings = self.config.settings
         self.http_services = await metadata.start_services(settings, self.resolve_slot)
         self.services.append(self.http_services)
+        secret = vacquery.load_secret(settings)
+        self.responder = await vacquery.start_responder(settings, lambda: self.status_snapshot,
+                                                        secret)
+        self.services.append(_ClosingService(self.responder))
+        self.peer_cache = vacquery.PeerReportCache(settings, secret=secret)
+        self.run_service(self.peer_cache.run())
         if settings.metrics_port:
             from vac import metrics
 
@@ -518,7 +591,7 @@ class Factory:
         await self.start()
         loop = asyncio.get_running_loop()
         if interval:
-            self.spawn(self.feed_watchdog(interval), None)
+            self.run_service(self.feed_watchdog(interval))
         for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                                 (signal.SIGHUP, self.request_reload)):
             with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -8,7 +8,6 @@ so the daemon's cycle is tested without libvirt; this module itself is tested ag
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,35 +15,9 @@ from typing import Callable
 from vac import __version__, apel, disks, hypervisor, metadata, userdata
 from vac.config import Machinetype, Settings
 from vac.model import Machine
-from vac.scheduler import HostFacts
 from vac.store import Store
 
 log = logging.getLogger(__name__)
-
-GIB = 1 << 30
-
-
-def read_host_facts(store: Store) -> HostFacts:
-    """Processor count, load averages, free space in the state directory and free memory."""
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (0.0, 0.0, 0.0)
-    return HostFacts(processors=os.cpu_count() or 1, load_averages=tuple(load),
-                     state_dir_free_bytes=store.free_bytes(),
-                     free_memory_bytes=available_memory_bytes())
-
-
-def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int:
-    try:
-        with open(meminfo, encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
 
 class MachineWorks:
     """Creates, stops, lists and cleans up machines with libvirt, disks and the store."""
