@@ -122,18 +122,19 @@ user_data = {tmp_path}/user_data
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 pytest.fail(f"vacd exited with {self.process.returncode} while waiting for "
-                            f"{what}:\n{self.log_text()}")
+                            f"{what}:\n{self.log_text(6000)}")
             result = predicate()
             if result:
                 return result
             time.sleep(0.3)
-        pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{self.log_text()}")
+        pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{self.log_text(6000)}")
 
-    def log_text(self) -> str:
+    def log_text(self, tail: int = 0) -> str:
         try:
-            return self.log.read_text()[-6000:]
+            text = self.log.read_text()
         except OSError:
             return "(no log)"
+        return text[-tail:] if tail else text
 
     def machines_in(self, state: str) -> list[dict]:
         return [record for record in self.records() if record["state"] == state]

@@ -399,11 +399,16 @@ class _Service:
         try:
             try:
                 response = await self.handle(request, context)
-            except (ConnectionError, asyncio.CancelledError):
-                # The client went away (aiohttp cancels the handler): nothing to answer. A
-                # joboutput whose body had arrived is still written (the write is shielded).
+            except asyncio.CancelledError:
+                # The client went away and aiohttp cancelled the handler. A joboutput whose
+                # body had arrived is still written (the write is shielded).
                 status, problem = CLIENT_GONE, ": client closed the connection"
                 raise
+            except ConnectionError:
+                # The client went away while we read its request: nobody gets this answer,
+                # but returning one keeps aiohttp from logging a traceback for it.
+                status, problem = CLIENT_GONE, ": client closed the connection"
+                return web.Response(status=CLIENT_GONE)
             except OSError as error:  # the machine's files: unreadable, too big, disk trouble
                 problem = f": {error}"
                 response = _status(500, "this machine's data cannot be read")
