@@ -29,6 +29,7 @@ class FakeWorks:
     """Stands in for vac.machines.MachineWorks; records every call in ``calls``."""
 
     instances: list = []
+    fail_connects_at_start = 0
 
     def __init__(self, store, settings, on_stopped, on_reconnected):
         self.store = store
@@ -38,11 +39,17 @@ class FakeWorks:
         self.domains: dict[str, FakeDomain] = {}
         self.calls: list[tuple] = []
         self.fail_creates = 0
+        self.fail_connects = FakeWorks.fail_connects_at_start
         self.acpi_works = True
         FakeWorks.instances.append(self)
 
     def connect(self):
         self.calls.append(("connect",))
+        if self.fail_connects:
+            self.fail_connects -= 1
+            from vac.hypervisor import NotConnectedError
+
+            raise NotConnectedError("fake libvirtd is down")
 
     def complete_accounting(self):
         self.calls.append(("complete_accounting",))

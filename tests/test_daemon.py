@@ -297,3 +297,30 @@ def test_the_responder_reports_the_factory_from_its_model(tmp_path, clock):
         await factory.shutdown()
 
     run(scenario())
+
+
+def test_start_waits_for_libvirtd_and_then_works(tmp_path, clock, caplog):
+    async def scenario():
+        FakeWorks.fail_connects_at_start = 1
+        try:
+            factory, works = await started(tmp_path, clock)
+        finally:
+            FakeWorks.fail_connects_at_start = 0
+        assert works.named("connect") == [("connect",), ("connect",)]
+        assert "cannot use libvirt: fake libvirtd is down; retrying in 1 s" in caplog.text
+        assert len(works.named("create")) == 2
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_unusable_service_address_is_a_clear_startup_error(tmp_path, clock):
+    from vac.daemon import StartupError
+
+    async def scenario():
+        factory = make_factory(tmp_path, clock, extra="vacquery_secret_file = /nonexistent/secret")
+        with pytest.raises(StartupError, match="cannot read vacquery_secret_file /nonexistent/secret"):
+            await factory.start()
+        await factory.shutdown()
+
+    run(scenario())

@@ -26,6 +26,7 @@ from vac import __version__, scheduler, vacquery
 from vac import config as configmod
 from vac.cli import add_config_arguments
 from vac.hostinfo import factory_facts, read_host_facts
+from vac.hypervisor import HypervisorError
 from vac.machines import MachineWorks
 from vac.model import Finish, Machine, MachineState, slot_name
 from vac.store import Store, StoreError
@@ -34,6 +35,8 @@ log = logging.getLogger("vacd")
 
 EXECUTOR_THREADS = 8
 DEFAULT_PIDFILE = "/run/vacd.pid"
+DEFAULT_DAEMON_LOG = "/var/log/vacd.log"
+MAX_CONNECT_DELAY_SECONDS = 60.0
 EXPIRY_INTERVAL_SECONDS = 3600.0
 DEFAULT_MACHINES_DIR_DAYS = 3.0  # for machinetypes no longer configured (classic)
 # VMs may talk to the services while they exist: from creation (user_data is written before the
@@ -544,14 +547,35 @@ class Factory:
             self.store, settings,
             on_stopped=lambda uuid: loop.call_soon_threadsafe(self.on_domain_stopped, uuid),
             on_reconnected=lambda: loop.call_soon_threadsafe(self.on_reconnected))
-        await self.run_blocking(self.works.connect)
+        await self.connect_hypervisor()
+        if self.stopping.is_set():
+            return
         await self.run_blocking(self.works.complete_accounting)
         self.finishes = self.store.load_finishes()
         for machine in self.store.live_machines():
             self.machines[machine.uuid] = machine
         log.info("recovered %d live machines from %s", len(self.machines), settings.state_dir)
         await self.reconcile(self.clock())
-        await self.start_services()
+        try:
+            await self.start_services()
+        except (OSError, vacquery.SecretError) as error:
+            raise StartupError(f"cannot start the services for the VMs and peers: {error}") from error
+
+    async def connect_hypervisor(self) -> None:
+        """Connect to libvirt and set up the network, retrying (with backoff) while it fails:
+        libvirtd may start after vacd, or be restarting."""
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                await self.run_blocking(self.works.connect)
+                return
+            except HypervisorError as error:
+                log.error("cannot use libvirt: %s; retrying in %.0f s", error, delay)
+                if self.notifier is not None:
+                    self.notifier.status(f"waiting for libvirt: {error}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            delay = min(delay * 2, MAX_CONNECT_DELAY_SECONDS)
 
     async def start_services(self) -> None:
         """Bind the metadata/MJF services, the VacQuery responder and the optional metrics."""
@@ -588,14 +612,17 @@ class Factory:
 
         interval = watchdog_interval()
         self.notifier = SystemdNotifier(unset_environment=True)
-        await self.start()
         loop = asyncio.get_running_loop()
-        if interval:
-            self.run_service(self.feed_watchdog(interval))
         for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                                 (signal.SIGHUP, self.request_reload)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, handler)
+        await self.start()
+        if self.stopping.is_set():
+            await self.shutdown()
+            return
+        if interval:
+            self.run_service(self.feed_watchdog(interval))
         next_reconcile = 0.0
         ready = False
         while not self.stopping.is_set():
@@ -683,6 +710,8 @@ def main(argv: Optional[list] = None) -> int:
         return cmd_conf(args)
     from vac.logsetup import setup_logging
 
+    if args.daemon and not args.log_file:
+        args.log_file = DEFAULT_DAEMON_LOG  # a detached daemon has no stderr to write to
     try:
         setup_logging(args.log_file, logging.DEBUG if args.debug else logging.INFO, args.log_format)
     except OSError as error:
