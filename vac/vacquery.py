@@ -190,11 +190,11 @@ class QueryResult:
     """
 
     kind: str
-    reports: list
-    answered: list
+    reports: list = dataclasses.field(repr=False)  # thousands of records: kept out of reprs,
+    answered: list  # which asyncio makes of finished tasks
     silent: list
     incomplete: list
-    messages: list
+    messages: list = dataclasses.field(repr=False)
     problems: dict  # factory -> why it was not queried
     dropped: dict  # reason -> number of datagrams dropped
     elapsed: float
@@ -1146,6 +1146,8 @@ class _QueryRun:
         self.messages: list = []
         self.progress = asyncio.Event()
         self.expected_replies = EXPECTED_REPLIES[kind]
+        self.remaining = len(targets)  # factories not complete yet
+        self.waiting_for_window = False  # factories wait to be sent to until others complete
 
     def receive(self, data: bytes, source: str) -> None:
         try:
@@ -1179,7 +1181,9 @@ class _QueryRun:
         if key in target.items or len(target.items) < MAX_ITEMS:
             target.items[key] = response
         if not was_complete and target.complete(self.kind):
-            self.progress.set()
+            self.remaining -= 1
+            if self.remaining == 0 or self.waiting_for_window:
+                self.progress.set()
 
     def window(self, receive_buffer: int) -> int:
         """How many factories may be answering at once without overflowing our buffer."""
@@ -1228,6 +1232,9 @@ class _QueryRun:
                 next_wake = min(next_wake, now + base)
             if in_flight == 0 and not unsent:
                 break  # every outstanding factory has used all its tries and its last wait
+            if self.remaining == 0:
+                break
+            self.waiting_for_window = bool(unsent)
             self.progress.clear()
             try:
                 await asyncio.wait_for(self.progress.wait(), max(0.0, next_wake - self.clock()))
