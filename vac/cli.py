@@ -395,7 +395,7 @@ def register_vacquery_commands(commands: argparse._SubParsersAction) -> None:
     _add_query_options(machinetypes)
     machinetypes.set_defaults(func=cmd_machinetypes, machinetype=None)
     machinetype = commands.add_parser("machinetype", help="vac machinetypes for one machinetype")
-    machinetype.add_argument("machinetype", metavar="NAME")
+    machinetype.add_argument("machinetype", metavar="NAME", help="the machinetype to show")
     _add_query_options(machinetype)
     machinetype.set_defaults(func=cmd_machinetypes)
     factories = commands.add_parser("factories", help="list the factories of the space")
