@@ -480,8 +480,14 @@ def test_responder_survives_a_failing_status_provider(caplog):
         raise RuntimeError("daemon bug")
 
     responder.status_provider = broken
+    for _ in range(3):
+        responder.datagram_received(vacquery.encode_query(vacquery.MACHINES, SPACE, COOKIE), ("192.0.2.2", 1))
+    assert responder.sock.sent == [] and responder.drops.counts["internal error: RuntimeError"] == 3
+    [line] = [record for record in caplog.records if "internal error" in record.getMessage()]
+    assert line.exc_info is not None  # the traceback, once
+    responder.status_provider = lambda: None  # before the daemon's first cycle
     responder.datagram_received(vacquery.encode_query(vacquery.MACHINES, SPACE, COOKIE), ("192.0.2.2", 1))
-    assert responder.sock.sent == [] and "internal error: RuntimeError" in responder.drops.counts
+    assert responder.sock.sent == [] and responder.answered[vacquery.MACHINES] == 1
 
 
 def test_responder_with_a_secret_signs_and_enforces_site_policy():

@@ -785,7 +785,7 @@ class DropCounter:
         self._last_logged: dict = {}
         self._unlogged: dict = {}
 
-    def drop(self, reason: str, source: Any, log_now: bool = True) -> None:
+    def drop(self, reason: str, source: Any, log_now: bool = True, exc_info: bool = False) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if not log_now:
             return
@@ -797,7 +797,8 @@ class DropCounter:
         self._last_logged[reason] = now
         suppressed = self._unlogged.pop(reason, 0)
         more = f" ({suppressed} more like it since the last such line)" if suppressed else ""
-        log.warning("%s: dropped datagram from %s: %s%s", self.what, source, reason, more)
+        log.warning("%s: dropped datagram from %s: %s%s", self.what, source, reason, more,
+                    exc_info=exc_info)
 
 
 class SourceLimiter:
@@ -957,8 +958,7 @@ class Responder:
         try:
             self._answer(data, addr)
         except Exception as error:  # a bug must never stop the responder
-            log.exception("VacQuery responder: internal error answering %s", addr[0])
-            self.drops.drop(f"internal error: {error.__class__.__name__}", addr[0], log_now=False)
+            self.drops.drop(f"internal error: {error.__class__.__name__}", addr[0], exc_info=True)
 
     def _answer(self, data: bytes, addr: tuple) -> None:
         source = addr[0]
@@ -1022,6 +1022,8 @@ class Responder:
 
     def _replies(self, kind: str, cookie: str) -> list:
         snapshot = self.status_provider()
+        if snapshot is None:  # the daemon has not finished its first cycle
+            return []
         second = int(self.wall_clock())
         cached = self._templates.get(kind)
         if cached is None or cached[0] is not snapshot or cached[1] != second:
@@ -1118,8 +1120,7 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         try:
             self.run.receive(data, addr[0])
         except Exception as error:  # never let a bad datagram end the query
-            log.exception("VacQuery client: internal error on a datagram from %s", addr[0])
-            self.run.drops.drop(f"internal error: {error.__class__.__name__}", addr[0], False)
+            self.run.drops.drop(f"internal error: {error.__class__.__name__}", addr[0], exc_info=True)
 
     def error_received(self, exc: Exception) -> None:
         self.run.drops.drop(f"socket error: {exc.__class__.__name__}", "-", False)
