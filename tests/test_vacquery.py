@@ -686,19 +686,6 @@ def test_machine_status_from_the_model_hides_the_message_until_shut_down():
     assert finished.state == "Shut down" and finished.shutdown_message == "200 done"
 
 
-def test_read_factory_status_from_a_fake_proc(tmp_path):
-    (tmp_path / "meminfo").write_text("MemTotal: 1000 kB\nMemFree: 300 kB\nSwapTotal: 50 kB\n"
-                                      "SwapFree: 20 kB\n")
-    (tmp_path / "uptime").write_text("100.5 300.0\n")
-    status = vacquery.read_factory_status(
-        make_settings(state_dir=str(tmp_path)), running_processors=3, running_machines=2, running_hs06=30.0,
-        max_processors=8, heartbeats={"factory": NOW - 3}, proc=str(tmp_path), now=NOW)
-    assert (status.mem_total_kb, status.mem_used_kb, status.swap_used_kb, status.swap_free_kb) == (1000, 700, 30, 20)
-    assert status.boot_time == NOW - 100 and status.max_hs06 == 80.0 and status.max_machines == 8
-    assert status.vac_disk_avail_kb > 0 and status.factory_heartbeat_time == NOW - 3
-    assert len(vacquery.encode_factory_status(status, make_settings(), cookie=COOKIE)) <= 1400
-
-
 def test_vacmon_cycle_messages_are_factory_then_machinetypes_with_cookie_zero():
     messages = [json.loads(m) for m in vacquery.vacmon_cycle_messages(make_settings(), SNAPSHOT, NOW)]
     assert [m["message_type"] for m in messages] == ["factory_status"] + ["machinetype_status"] * 20
