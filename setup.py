@@ -29,7 +29,7 @@ setup(
         "aiohttp>=3.9",  # handler_cancellation and BaseRunner shutdown_timeout (vac.metadata)
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff"],
+        "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff", "matplotlib"],
         "plots": ["matplotlib"],
     },
     entry_points={
