@@ -803,9 +803,13 @@ def clean_up(uuids: set[str], prefix: str, network_name: str) -> None:
 
 
 def run_model_child() -> dict:
-    completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--model",
-                                str(MODEL_SLOTS)], capture_output=True, text=True,
-                               timeout=MODEL_TIMEOUT_SECONDS + 60, cwd=str(REPO), check=False)
+    try:
+        completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--model",
+                                    str(MODEL_SLOTS)], capture_output=True, text=True,
+                                   timeout=MODEL_TIMEOUT_SECONDS + 60, cwd=str(REPO), check=False)
+    except subprocess.TimeoutExpired as error:
+        raise SystemExit(f"turnaround: model run hung; killed after {error.timeout:.0f} s:\n"
+                         f"{(error.stderr or b'').decode(errors='replace')[-4000:]}") from None
     if completed.returncode != 0:
         raise SystemExit(f"turnaround: model run failed:\n{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
