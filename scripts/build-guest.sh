@@ -9,7 +9,7 @@
 #
 # The guest's /init brings up eth0 by DHCP, fetches http://169.254.169.254/latest/user-data,
 # runs it as a shell script if it starts with "#!", then powers off. User-data scripts can call
-# /bin/vac-put NAME VALUE to PUT a job output to http://169.254.169.253/joboutputs/NAME.
+# /bin/vac-put NAME VALUE to upload a job output to http://169.254.169.253/joboutputs/NAME.
 # All guest output goes to the serial console (ttyS0).
 #
 # The result is cached: nothing is rebuilt while OUTDIR holds the outputs of this very script.
@@ -79,20 +79,19 @@ SCRIPT
 
 cat >"$root/bin/vac-put" <<'SCRIPT'
 #!/bin/busybox sh
-# vac-put NAME VALUE: PUT VALUE to the factory's MJF joboutputs/NAME. busybox wget cannot PUT,
-# so the HTTP/1.0 request is written by hand and sent with nc. Exit 0 on a 2xx answer.
+# vac-put NAME VALUE: upload VALUE to the factory's MJF joboutputs/NAME. busybox wget cannot
+# PUT, so this POSTs (vacd accepts both); a hand-made PUT through busybox nc does not work
+# reliably, because nc half-closes the connection after sending and HTTP servers then drop it.
+# Exit 0 on a 2xx answer. Never 'wget -T' (it segfaults in busybox 1.35): timeout instead.
 if [ $# -ne 2 ]; then
     echo "usage: vac-put NAME VALUE" >&2
     exit 2
 fi
-length=$(printf %s "$2" | wc -c)
 for attempt in 1 2 3; do
-    status=$(printf 'PUT /joboutputs/%s HTTP/1.0\r\nHost: 169.254.169.253\r\nContent-Type: text/plain\r\nContent-Length: %s\r\n\r\n%s' \
-        "$1" "$length" "$2" | timeout 5 nc 169.254.169.253 80 | head -n 1)
-    case "$status" in
-    "HTTP/1."?" 2"*) exit 0 ;;
-    esac
-    echo "vac-put: $1 attempt $attempt failed: ${status:-no answer}" >&2
+    if timeout 5 wget -q -O /dev/null --post-data "$2" "http://169.254.169.253/joboutputs/$1"; then
+        exit 0
+    fi
+    echo "vac-put: $1 attempt $attempt failed" >&2
     sleep 1
 done
 exit 1

@@ -13,6 +13,12 @@ class FakeDomain:
     cpu_seconds: float = 0.0
     is_vac: bool = True
 
+    @property
+    def state(self):
+        from vac.hypervisor import DomainState
+
+        return DomainState.RUNNING if self.active else DomainState.SHUTOFF
+
 
 class FakeClock:
     def __init__(self, start: float = 1_800_000_000.0):

@@ -88,7 +88,7 @@ def test_domain_policy_follows_settings_and_machine():
     assert (spec.memory_mib, spec.vcpus) == (3000, 3)
     assert spec.cpu_mode == "host-model"  # kvm: never host-passthrough (TESTBED.md P2)
     assert spec.boot_devices == ("cdrom", "hd")
-    assert spec.vnc_port == 5907
+    assert spec.vnc and spec.name == "factory-07.example.org-" + spec.uuid[:8]
     assert spec.console_path == "/m/console.log"
     assert (spec.interface.mac, spec.interface.ip) == ("56:4d:a9:fe:a9:07", "169.254.169.7")
     assert spec.interface.nwfilter == "clean-traffic"

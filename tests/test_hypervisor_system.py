@@ -1,7 +1,7 @@
 """System tier: the adapter with real libvirtd + QEMU (TCG) booting the test guest.
 
 The guest (scripts/build-guest.sh) takes DHCP, GETs its user-data from 169.254.169.254, runs it
-if it is a script (``vac-put NAME VALUE`` PUTs to 169.254.169.253/joboutputs/NAME), and powers
+if it is a script (``vac-put NAME VALUE`` POSTs to 169.254.169.253/joboutputs/NAME), and powers
 off. An in-test HTTP server stands in for vacd's metadata and MJF services. At most four guests
 run at once (TESTBED.md P10); every wait is bounded.
 """
@@ -45,7 +45,7 @@ class Request:
 
 
 class MetadataServer:
-    """The metadata (GET user-data) and MJF (PUT joboutputs) services, recording requests."""
+    """The metadata (GET user-data) and MJF (POST joboutputs) services, recording requests."""
 
     def __init__(self, addresses: tuple[str, ...]):
         self.user_data: dict[str, bytes] = {}  # client IP -> user-data
@@ -62,7 +62,7 @@ class MetadataServer:
                 else:
                     self._answer(200, body)
 
-            def do_PUT(self):
+            def do_POST(self):  # the guest's vac-put uploads with POST (busybox wget)
                 length = int(self.headers.get("Content-Length", "0"))
                 server._record(self, self.rfile.read(min(length, 65536)))
                 self._answer(200 if self.path.startswith("/joboutputs/") else 404, b"")
@@ -226,10 +226,10 @@ def test_guest_fetches_user_data_reports_and_powers_off(bed, record_property):
     assert info.active and info.metadata.name == machine.name and info.metadata.slot == 0
     ip = slot_ip(0)
     (fetch,) = bed.server.wait_for(ip, "GET", "/latest/user-data", GUEST_SECONDS)
-    (message,) = bed.server.wait_for(ip, "PUT", "/joboutputs/shutdown_message", 30)
+    (message,) = bed.server.wait_for(ip, "POST", "/joboutputs/shutdown_message", 30)
     assert message.body == b"300 No more work"
     outputs = {request.path: request.body for request in bed.server.requests
-               if request.client == ip and request.method == "PUT"}
+               if request.client == ip and request.method == "POST"}
     assert outputs["/joboutputs/product"] == b"OpenStack Nova"  # SMBIOS, for cloud-init
     assert outputs["/joboutputs/uuid"].decode().lower() == machine.uuid
     assert "vda" in outputs["/joboutputs/disks"].decode().split()  # the sparse root disk
@@ -237,26 +237,26 @@ def test_guest_fetches_user_data_reports_and_powers_off(bed, record_property):
     assert "VACTEST-USER-DATA-RAN" in bed.console(machine)
     record_property("timing", f"STARTED event {started_event - started:.2f} s, "
                               f"user-data GET {fetch.when - started:.2f} s, shutdown_message "
-                              f"PUT {message.when - started:.2f} s, SHUTDOWN event "
+                              f"POST {message.when - started:.2f} s, SHUTDOWN event "
                               f"{times['shutdown']:.2f} s, STOPPED event {times['stopped']:.2f} s")
 
 
 def test_cernvm_style_iso_boots_from_the_cdrom(bed, record_property):
     machine, started = bed.boot(1, "#!/bin/sh\nvac-put shutdown_message '100 Shutdown as requested'\n",
                                 iso=True)
-    (message,) = bed.server.wait_for(slot_ip(1), "PUT", "/joboutputs/shutdown_message",
+    (message,) = bed.server.wait_for(slot_ip(1), "POST", "/joboutputs/shutdown_message",
                                      GUEST_SECONDS)
     assert message.body == b"100 Shutdown as requested"
     times = wait_gone(bed, machine, started)
     assert "ISOLINUX" in bed.console(machine)  # booted by isolinux from hdc, not a direct kernel
-    record_property("timing", f"shutdown_message PUT {message.when - started:.2f} s, SHUTDOWN "
+    record_property("timing", f"shutdown_message POST {message.when - started:.2f} s, SHUTDOWN "
                               f"{times['shutdown']:.2f} s, STOPPED {times['stopped']:.2f} s")
 
 
 def test_hanging_guest_heartbeats_uses_cpu_and_is_destroyed(bed, record_property):
     script = "#!/bin/sh\nwhile :; do vac-put heartbeat ok; sleep 1; done &\nsleep 600\n"
     machine, started = bed.boot(2, script)
-    bed.server.wait_for(slot_ip(2), "PUT", "/joboutputs/heartbeat", GUEST_SECONDS, count=2)
+    bed.server.wait_for(slot_ip(2), "POST", "/joboutputs/heartbeat", GUEST_SECONDS, count=2)
     first = bed.hypervisor.cpu_seconds(machine.uuid)
     time.sleep(1)
     assert bed.hypervisor.cpu_seconds(machine.uuid) > first > 0
@@ -277,7 +277,7 @@ def test_four_guests_at_once_each_on_its_own_address(bed, record_property):
     machines = [bed.boot(slot, f"#!/bin/sh\nvac-put shutdown_message '200 slot {slot}'\n")
                 for slot in range(SLOTS)]
     for slot in range(SLOTS):
-        (message,) = bed.server.wait_for(slot_ip(slot), "PUT", "/joboutputs/shutdown_message",
+        (message,) = bed.server.wait_for(slot_ip(slot), "POST", "/joboutputs/shutdown_message",
                                          GUEST_SECONDS)
         assert message.body == f"200 slot {slot}".encode()
     stops = [wait_gone(bed, machine, started)["stopped"] for machine, started in machines]

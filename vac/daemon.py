@@ -26,7 +26,7 @@ from vac import __version__, scheduler, vacquery
 from vac import config as configmod
 from vac.cli import add_config_arguments
 from vac.hostinfo import factory_facts, read_host_facts
-from vac.hypervisor import HypervisorError
+from vac.hypervisor import DomainState, HypervisorError
 from vac.machines import MachineWorks
 from vac.model import Finish, Machine, MachineState, slot_name
 from vac.store import Store, StoreError
@@ -37,6 +37,10 @@ EXECUTOR_THREADS = 8
 DEFAULT_PIDFILE = "/run/vacd.pid"
 DEFAULT_DAEMON_LOG = "/var/log/vacd.log"
 MAX_CONNECT_DELAY_SECONDS = 60.0
+# A vac domain nobody knows in one of these states is a zombie; one shutting down is left alone.
+ZOMBIE_STATES = (DomainState.RUNNING, DomainState.BLOCKED, DomainState.PAUSED,
+                 DomainState.PMSUSPENDED, DomainState.NOSTATE)
+LV_RELEASE_WAIT_SECONDS = 120.0
 EXPIRY_INTERVAL_SECONDS = 3600.0
 DEFAULT_MACHINES_DIR_DAYS = 3.0  # for machinetypes no longer configured (classic)
 # VMs may talk to the services while they exist: from creation (user_data is written before the
@@ -238,9 +242,9 @@ class Factory:
                 else:
                     log.info("%s was never started: finishing it", machine.name)
                     self.update(machine, state=MachineState.FINISHING, finished=now)
-        known = set(self.machines)
+        known = set(self.machines) | {machine.uuid for machine in self.last_in_slot.values()}
         for domain in domains:
-            if domain.is_vac and domain.uuid not in known and domain.active:
+            if domain.is_vac and domain.uuid not in known and domain.state in ZOMBIE_STATES:
                 log.warning("destroying zombie domain %s (%s): no live machine has this UUID",
                             domain.name, domain.uuid)
                 self.spawn(self.run_blocking(self.works.destroy, domain.uuid), None)
@@ -426,6 +430,10 @@ class Factory:
         previous = self.finishes.get(machine.machinetype)
         if previous is None or previous.finished_time <= finish.finished_time:
             self.finishes[machine.machinetype] = finish
+        if settings.volume_group:
+            # lvremove fails while QEMU still holds the volume; disk files need no such wait.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.gone(machine.uuid), LV_RELEASE_WAIT_SECONDS)
         await self.run_blocking(self.works.release, machine, settings)
         self.store.release_slot(machine)
         finished = machine.replace(state=MachineState.FINISHED, finished=end,

@@ -203,7 +203,7 @@ class DomainSpec:
     initrd: Optional[str] = None
     kernel_cmdline: Optional[str] = None
     cpu_mode: Optional[str] = None  # None: the hypervisor's default model
-    vnc_port: Optional[int] = None  # None: no graphics
+    vnc: bool = False  # a VNC console on 127.0.0.1 (port chosen by libvirt)
     smbios_manufacturer: str = SMBIOS_MANUFACTURER
     smbios_product: str = SMBIOS_PRODUCT
     smbios_version: str = __version__
@@ -252,9 +252,8 @@ class DomainSpec:
         serial = _sub(devices, "serial", type="file")
         _sub(serial, "source", path=self.console_path)
         _sub(serial, "target", port="0")
-        if self.vnc_port is not None:
-            graphics = _sub(devices, "graphics", type="vnc", port=str(self.vnc_port),
-                            autoport="no", keymap="en-gb")
+        if self.vnc:
+            graphics = _sub(devices, "graphics", type="vnc", autoport="yes", keymap="en-gb")
             _sub(graphics, "listen", type="address", address="127.0.0.1")
         _sub(devices, "memballoon", model="none")
         return domain
@@ -367,17 +366,27 @@ def factory_network(settings: Settings, slot_count: Optional[int] = None) -> Net
                        bridge_addresses=(f"{settings.metadata_address}/32",))
 
 
+def domain_name(machine: Machine) -> str:
+    """The libvirt name of a machine's domain: its name plus the start of its UUID.
+
+    Unique per machine, not per slot, so the next machine of a slot can be created while
+    libvirt still tears the previous one down (seconds, with clean-traffic); the machine's
+    name itself is in the vac metadata element and is what the VM, DHCP and ``vac`` use.
+    """
+    return f"{machine.name}-{machine.uuid[:8]}"
+
+
 def machine_domain_spec(machine: Machine, machinetype: Machinetype, settings: Settings,
                         directory: str, disks: Sequence[DiskSpec]) -> DomainSpec:
     """The domain of ``machine``, whose disks ``vac.disks.prepare_disks`` made.
 
     KVM guests get the host CPU model (as Nova does), never host-passthrough, which fails on
     nested hosts (TESTBED.md P2); QEMU (TCG) guests get QEMU's default CPU. The console goes to
-    ``<directory>/console.log``; VNC listens on 127.0.0.1:5900+slot.
+    ``<directory>/console.log``; VNC listens on 127.0.0.1 (libvirt picks the port).
     """
     boot = ("cdrom", "hd") if any(disk.device == "cdrom" for disk in disks) else ("hd",)
     return DomainSpec(
-        uuid=machine.uuid, name=machine.name, domain_type=settings.domain_type,
+        uuid=machine.uuid, name=domain_name(machine), domain_type=settings.domain_type,
         memory_mib=settings.mb_per_processor * machine.processors, vcpus=machine.processors,
         disks=tuple(disks),
         interface=InterfaceSpec(network=settings.network_name, mac=slot_mac(machine.slot),
@@ -386,7 +395,7 @@ def machine_domain_spec(machine: Machine, machinetype: Machinetype, settings: Se
         metadata=MachineMetadata.from_machine(machine), boot_devices=boot,
         kernel=settings.kernel, initrd=settings.initrd, kernel_cmdline=settings.kernel_cmdline,
         cpu_mode="host-model" if settings.domain_type == "kvm" else None,
-        vnc_port=5900 + machine.slot)
+        vnc=True)
 
 
 # -- the connection ------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ class MachineWorks:
 
     def _on_event(self, event: hypervisor.DomainEvent) -> None:
         """On libvirt's event thread: only hand the news over to the loop."""
-        if event.stopped:
+        # SHUTDOWN: the guest has powered off; libvirt's teardown (STOPPED) takes seconds more,
+        # and the slot's next machine need not wait for it (domain names are unique).
+        if event.stopped or event.kind is hypervisor.EventKind.SHUTDOWN:
             self.on_stopped(event.uuid)
         elif event.kind is hypervisor.EventKind.RECONNECTED:
             self.on_reconnected()
