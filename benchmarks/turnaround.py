@@ -33,7 +33,7 @@ network on 169.254.0.0/16 can exist on a host, TESTBED.md P6: the benchmark wait
 Measured moments (wall clock; libvirt events by a separate connection with an event loop in this
 process, vacd's log lines from its JSON log at 1 ms resolution):
 
-* PUT:       vacd logs ``mjf NAME PUT /joboutputs/shutdown_message STATUS``, the last such
+* PUT:       vacd logs ``mjf NAME PUT|POST /joboutputs/shutdown_message STATUS``, the last such
              line before SHUTDOWN (the guest's last request; vac-put retries after 1 s when it
              gets no answer, then ``sync; poweroff -f`` follows);
 * SHUTDOWN:  libvirt's SHUTDOWN lifecycle event of the domain = **guest poweroff**;
@@ -578,8 +578,8 @@ def read_json_log(path: Path) -> list[tuple[float, str]]:
 # -- analysis ------------------------------------------------------------------------------------
 
 STAGES = (("PUT", "SHUTDOWN", "guest: vac-put exits, sync, poweroff -f"),
-          ("SHUTDOWN", "STOPPED", "libvirt: QEMU exit and teardown"),
-          ("STOPPED", "off", "vacd: event to the loop, record saved"),
+          ("SHUTDOWN", "STOPPED", "libvirt: QEMU exit and teardown (vacd does not wait)"),
+          ("SHUTDOWN", "off", "vacd: event to the loop, record saved"),
           ("off", "finished", "vacd: finish (APEL, release disks, slot)"),
           ("finished", "creating", "vacd: wake, reload-free cycle, plan"),
           ("creating", "xml-begin", "vacd: dir, MJF, user_data, disks, XML"),
@@ -593,7 +593,7 @@ def moments(run: VacdRun, lifecycle: Lifecycle) -> dict[str, dict[str, float]]:
         "creating": re.compile(r"^creating (\S+) \("),
         "off": re.compile(r"^(\S+) \(\S+\) powered off$"),
         "finished": re.compile(r"^(\S+) \(\S+\) finished after "),
-        "PUT": re.compile(r"^mjf (\S+) PUT /joboutputs/shutdown_message (\d+)"),
+        "PUT": re.compile(r"^mjf (\S+) (?:PUT|POST) /joboutputs/shutdown_message (\d+)"),
     }
     by_uuid = {
         "xml-begin": re.compile(r"^createXML begin \S+ (\S+)$"),
