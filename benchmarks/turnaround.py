@@ -789,17 +789,16 @@ def clean_up(uuids: set[str], prefix: str, network_name: str) -> None:
                     domain.destroy()
             except libvirt.libvirtError:
                 pass  # gone meanwhile
-        try:
-            network = conn.networkLookupByName(network_name)
-            if network.isActive():
-                network.destroy()
-            if network.isPersistent():
-                network.undefine()
-        except libvirt.libvirtError as error:
-            if error.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
-                raise
     finally:
         conn.close()
+    from vac.hypervisor import Hypervisor
+
+    connection = Hypervisor(URI, lambda event: None)
+    connection.connect()
+    try:
+        connection.remove_network(network_name)
+    finally:
+        connection.close()
 
 
 def run_model_child() -> dict:

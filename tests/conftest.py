@@ -124,23 +124,14 @@ class TestNetworkNames:
 
 
 def _remove_network(name: str) -> None:
-    import libvirt
+    from vac.hypervisor import Hypervisor
 
-    from vac.hypervisor import start_event_loop
-
-    start_event_loop()  # also silences libvirt's printing of errors
-    conn = libvirt.open(SYSTEM_URI)
+    hypervisor = Hypervisor(SYSTEM_URI, lambda event: None)
+    hypervisor.connect()
     try:
-        network = conn.networkLookupByName(name)
-        if network.isActive():
-            network.destroy()
-        if network.isPersistent():
-            network.undefine()
-    except libvirt.libvirtError as error:
-        if error.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
-            raise
+        hypervisor.remove_network(name)
     finally:
-        conn.close()
+        hypervisor.close()
 
 
 @pytest.fixture(scope="module")
