@@ -365,6 +365,21 @@ def _json(document: dict) -> web.Response:
     return _text(json.dumps(document, sort_keys=True), "application/json")
 
 
+def _read_request(request: web.Request, context: Optional[MachineContext], allowed: str
+                  ) -> Union[web.Response, list[str]]:
+    """The path segments of a GET/HEAD from a known machine, or the response refusing it."""
+    if request.method not in ("GET", "HEAD"):
+        methods = allowed.rsplit(", ", 1)
+        return web.Response(status=405, text=f"405 only {' and '.join(methods)}\n",
+                            headers={"Allow": allowed})
+    if context is None:
+        return _status(404, "no machine at this source address")
+    try:
+        return path_segments(request.rel_url.raw_path)
+    except BadPath as error:
+        return _status(404, str(error))
+
+
 class _Service:
     """What both services share: attribution of a request to a machine and the request log."""
 
@@ -442,15 +457,9 @@ class MetadataService(_Service):
 
     async def handle(self, request: web.Request, context: Optional[MachineContext]
                      ) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            return web.Response(status=405, text="405 only GET and HEAD\n",
-                                headers={"Allow": "GET, HEAD"})
-        if context is None:
-            return _status(404, "no machine at this source address")
-        try:
-            segments = path_segments(request.rel_url.raw_path)
-        except BadPath as error:
-            return _status(404, str(error))
+        segments = _read_request(request, context, "GET, HEAD")
+        if isinstance(segments, web.Response):
+            return segments
         if segments[:1] == ["openstack"]:
             return self._openstack(context, segments[1:])
         return self._ec2(context, segments)
@@ -525,15 +534,9 @@ class MjfService(_Service):
                      ) -> web.StreamResponse:
         if request.method in ("PUT", "POST"):
             return await self._put(request, context)
-        if request.method not in ("GET", "HEAD"):
-            return web.Response(status=405, text="405 only GET, HEAD, PUT and POST\n",
-                                headers={"Allow": "GET, HEAD, PUT, POST"})
-        if context is None:
-            return _status(404, "no machine at this source address")
-        try:
-            segments = path_segments(request.rel_url.raw_path)
-        except BadPath as error:
-            return _status(404, str(error))
+        segments = _read_request(request, context, "GET, HEAD, PUT, POST")
+        if isinstance(segments, web.Response):
+            return segments
         if segments[:1] == ["joboutputs"]:
             return _status(403, "joboutputs are write-only")
         if not segments or segments[0] not in MJF_DIRECTORIES or len(segments) > 2:
