@@ -282,7 +282,7 @@ class Factory:
                 heartbeat_mtimes[machine.uuid] = self.store.joboutput_mtime(
                     machine, machinetype.heartbeat_file)
         snapshot = scheduler.Snapshot(
-            config=config, machines=tuple(self.live()), num_slots=self.num_slots(host),
+            config=config, machines=tuple(self.live()), num_slots=self.num_slots(),
             host=host, reports=reports, heartbeat_mtimes=heartbeat_mtimes, now=now,
             daemon_started=self.started)
         plan = scheduler.plan(snapshot, self.rng)
@@ -295,8 +295,9 @@ class Factory:
         for action in plan.actions:
             self.apply(action, now)
 
-    def num_slots(self, host) -> int:
-        return self.config.settings.total_processors or host.processors
+    def num_slots(self) -> int:
+        """One slot per processor vac may use (each machine has at least one)."""
+        return self.config.settings.total_processors or self.processor_count
 
     def local_reports(self, now: float):
         return scheduler.local_machinetype_reports(
@@ -446,11 +447,8 @@ class Factory:
                  message or "no shutdown message")
         if settings.vacmon_hostport:
             status = vacquery.MachineStatus.from_machine(settings.factory_name, finished)
-            message = vacquery.vacmon_finish_message(settings, status, self.num_slots_now())
+            message = vacquery.vacmon_finish_message(settings, status, self.num_slots())
             self.spawn(vacquery.send_vacmon(settings, [message]), None)
-
-    def num_slots_now(self) -> int:
-        return self.config.settings.total_processors or self.processor_count
 
     # -- events --------------------------------------------------------------------------------
 
@@ -482,8 +480,7 @@ class Factory:
             self.status.responder_time = now
         live = self.live()
         running = [m for m in live if m.state in (MachineState.RUNNING, MachineState.STOPPING)]
-        settings = self.config.settings
-        total = settings.total_processors or os.cpu_count() or 1
+        total = self.num_slots()
         status = {
             "format": 1, "pid": os.getpid(), "time": now, "version": __version__,
             "loop_time": self.status.loop_time, "responder_time": self.status.responder_time,
