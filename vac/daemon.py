@@ -87,8 +87,6 @@ class DaemonStatus:
     responder_time: float = 0.0
     metadata_time: float = 0.0
     mjf_time: float = 0.0
-    creations: int = 0
-    creation_failures: int = 0
     last_creation_error: Optional[str] = None
     last_creation_error_time: Optional[float] = None
 
@@ -372,7 +370,6 @@ class Factory:
         except Exception as error:
             message = f"500 Vac could not create the machine: {error}"[:200]
             log.error("creating %s failed: %s", machine.name, error)
-            self.status.creation_failures += 1
             if self.metrics is not None:
                 self.metrics.creation_failures.inc(machinetype=machine.machinetype)
             self.status.last_creation_error = f"{machine.name}: {error}"
@@ -382,7 +379,6 @@ class Factory:
             self.update(machine, state=MachineState.FINISHING, finished=self.clock())
             return
         now = self.clock()
-        self.status.creations += 1
         self.status.last_creation_error = None
         self.update(machine, state=MachineState.RUNNING, started=now, heartbeat=now)
         log.info("%s (%s) is running", machine.name, machine.uuid)
@@ -455,10 +451,10 @@ class Factory:
     def on_domain_stopped(self, uuid: str) -> None:
         """Called on the loop when libvirt reports a domain stopped (or the guest powered off)."""
         machine = self.machines.get(uuid)
-        if machine is None or machine.state not in (MachineState.RUNNING, MachineState.STOPPING):
+        # Only a running machine finishes here: stop() handles a STOPPING one itself, and
+        # libvirt's later STOPPED event finds the machine already finishing or gone.
+        if machine is None or machine.state is not MachineState.RUNNING:
             return
-        if machine.state is MachineState.STOPPING:
-            return  # stop() notices by itself and finishes the machine
         log.info("%s (%s) powered off", machine.name, machine.machinetype)
         self.update(machine, state=MachineState.FINISHING, finished=self.clock())
         self.wake.set()
