@@ -324,3 +324,19 @@ def test_unusable_service_address_is_a_clear_startup_error(tmp_path, clock):
         await factory.shutdown()
 
     run(scenario())
+
+
+def test_status_file_meets_the_check_vacd_contract(tmp_path, clock):
+    from vac.check import evaluate, read_status, validate_status
+
+    async def scenario():
+        factory, works = await started(tmp_path, clock)
+        status = read_status(tmp_path / "state" / "status.json")
+        assert validate_status(status) == status
+        assert (status["running_machines"], status["slots"], status["last_creation_error"]) == (2, 2, None)
+        await factory.shutdown()
+        return status
+
+    status = run(scenario())
+    result = evaluate(status, now=clock.now + 5, warning=300, critical=600)
+    assert result.state == 0, result.line  # OK: this very process is the "vacd" pid
