@@ -45,6 +45,7 @@ class FakeWorks:
         self.domains: dict[str, FakeDomain] = {}
         self.calls: list[tuple] = []
         self.fail_creates = 0
+        self.fail_accounts = 0
         self.fail_connects = FakeWorks.fail_connects_at_start
         self.acpi_works = True
         FakeWorks.instances.append(self)
@@ -93,6 +94,9 @@ class FakeWorks:
 
     def account(self, settings, machinetype, machine, end):
         self.calls.append(("account", machine.uuid, end))
+        if self.fail_accounts:
+            self.fail_accounts -= 1
+            raise OSError(28, "No space left on device")
 
     def release(self, machine, settings):
         self.calls.append(("release", machine.name))

@@ -340,3 +340,23 @@ def test_status_file_meets_the_check_vacd_contract(tmp_path, clock):
     status = run(scenario())
     result = evaluate(status, now=clock.now + 5, warning=300, critical=600)
     assert result.state == 0, result.line  # OK: this very process is the "vacd" pid
+
+
+def test_a_failed_finish_is_retried_later_and_accounts_once(tmp_path, clock, caplog):
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1)
+        machine = next(iter(factory.machines.values()))
+        clock.advance(120)
+        works.fail_accounts = 1
+        await power_off(factory, works, machine.uuid)
+        assert "finishing f1-00.example.org failed" in caplog.text
+        assert factory.machines[machine.uuid].state is MachineState.FINISHING
+        await cycle(factory, reconcile=False)
+        assert len(works.named("account")) == 1, "not retried at once"
+        clock.advance(31)
+        await cycle(factory, reconcile=False)
+        assert machine.uuid not in factory.machines
+        assert len(works.named("account")) == 2  # the failed attempt, then the one that worked
+        await factory.shutdown()
+
+    run(scenario())

@@ -41,6 +41,7 @@ MAX_CONNECT_DELAY_SECONDS = 60.0
 ZOMBIE_STATES = (DomainState.RUNNING, DomainState.BLOCKED, DomainState.PAUSED,
                  DomainState.PMSUSPENDED, DomainState.NOSTATE)
 LV_RELEASE_WAIT_SECONDS = 120.0
+FINISH_RETRY_SECONDS = 30.0
 EXPIRY_INTERVAL_SECONDS = 3600.0
 DEFAULT_MACHINES_DIR_DAYS = 3.0  # for machinetypes no longer configured (classic)
 # VMs may talk to the services while they exist: from creation (user_data is written before the
@@ -117,6 +118,7 @@ class Factory:
         self.reload_requested = False
         self.reconcile_requested = False
         self.last_notes: set[str] = set()
+        self.finish_retry_at: dict[str, float] = {}
         self.next_expiry = 0.0
         self.busy: set[str] = set()  # uuids with a create/stop/finish step in flight
         self.tasks: set[asyncio.Task] = set()
@@ -200,8 +202,9 @@ class Factory:
                 self.next_expiry = now + EXPIRY_INTERVAL_SECONDS
                 self.spawn(self.run_blocking(self.expire_machine_dirs, now), None)
         for machine in self.live():
-            if machine.state is MachineState.FINISHING and machine.uuid not in self.busy:
-                self.spawn(self.finish(machine), machine.uuid)
+            if (machine.state is MachineState.FINISHING and machine.uuid not in self.busy
+                    and self.finish_retry_at.get(machine.uuid, 0.0) <= now):
+                self.spawn(self.finish_or_retry(machine), machine.uuid)
         await self.plan_and_apply(now)
         self.publish_status(now)
         if reconcile and self.config.settings.vacmon_hostport:
@@ -407,6 +410,18 @@ class Factory:
             if not await self.run_blocking(self.works.is_active, uuid):
                 return
             await asyncio.sleep(0.5)
+
+    async def finish_or_retry(self, machine: Machine) -> None:
+        """Finish a machine; if a step fails (disk full, LVM busy), retry it a little later:
+        every step is idempotent, so nothing is done twice."""
+        try:
+            await self.finish(machine)
+        except Exception as error:
+            log.error("finishing %s failed (%s): retrying in %.0f s", machine.name, error,
+                      FINISH_RETRY_SECONDS)
+            self.finish_retry_at[machine.uuid] = self.clock() + FINISH_RETRY_SECONDS
+        else:
+            self.finish_retry_at.pop(machine.uuid, None)
 
     async def finish(self, machine: Machine) -> None:
         """Account, record the finish, release disks and the slot. Every step idempotent."""
