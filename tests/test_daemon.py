@@ -360,3 +360,29 @@ def test_a_failed_finish_is_retried_later_and_accounts_once(tmp_path, clock, cap
         await factory.shutdown()
 
     run(scenario())
+
+
+def test_sighup_reload_applies_a_run_time_drain(tmp_path, clock):
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1)
+        machine = next(iter(factory.machines.values()))
+        (tmp_path / "run.conf").write_text("[settings]\ndraining = yes\n")
+        factory.request_reload()
+        clock.advance(120)
+        await power_off(factory, works, machine.uuid)
+        assert factory.config.settings.draining
+        assert len(works.named("create")) == 1, "draining: the freed slot stays empty"
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_vacd_check_config_reports_located_errors(tmp_path, capsys):
+    from vac.daemon import main
+
+    paths = write_config(tmp_path, extra="udp_timeout_seconds = soon")
+    status = main(["--check-config", "--conf-dir", paths.conf_dir, "--conf", paths.main_conf,
+                   "--run-conf", paths.run_confs[0]])
+    assert status == 1
+    errors = capsys.readouterr().err
+    assert "10-test.conf:" in errors and "udp_timeout_seconds: 'soon'" in errors
