@@ -58,6 +58,12 @@ class FakeWorks:
 
             raise NotConnectedError("fake libvirtd is down")
 
+    def check_storage(self):
+        if self.settings.volume_group == "missing":
+            from vac.disks import DiskError
+
+            raise DiskError("Volume group \"missing\" not found")
+
     def complete_accounting(self):
         self.calls.append(("complete_accounting",))
 

@@ -386,3 +386,15 @@ def test_vacd_check_config_reports_located_errors(tmp_path, capsys):
     assert status == 1
     errors = capsys.readouterr().err
     assert "10-test.conf:" in errors and "udp_timeout_seconds: 'soon'" in errors
+
+
+def test_a_missing_volume_group_is_a_clear_startup_error(tmp_path, clock):
+    from vac.daemon import StartupError
+
+    async def scenario():
+        factory = make_factory(tmp_path, clock, extra="volume_group = missing")
+        with pytest.raises(StartupError, match='volume_group missing: Volume group "missing" not found'):
+            await factory.start()
+        await factory.shutdown()
+
+    run(scenario())

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 from vac import __version__, scheduler, vacquery
 from vac import config as configmod
 from vac.cli import add_config_arguments
+from vac.disks import DiskError
 from vac.hostinfo import factory_facts, read_host_facts
 from vac.hypervisor import DomainState, HypervisorError
 from vac.machines import MachineWorks
@@ -566,6 +567,10 @@ class Factory:
         await self.connect_hypervisor()
         if self.stopping.is_set():
             return
+        try:
+            await self.run_blocking(self.works.check_storage)
+        except DiskError as error:
+            raise StartupError(f"volume_group {settings.volume_group}: {error}") from error
         await self.run_blocking(self.works.complete_accounting)
         self.finishes = self.store.load_finishes()
         for machine in self.store.live_machines():

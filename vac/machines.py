@@ -44,6 +44,11 @@ class MachineWorks:
         self.hypervisor.connect()
         self.hypervisor.ensure_network(hypervisor.factory_network(self.settings))
 
+    def check_storage(self) -> None:
+        """DiskError unless the configured volume group exists (classic: a config error)."""
+        if self.settings.volume_group:
+            disks.volume_group_size(self.settings.volume_group)
+
     def close(self) -> None:
         self.hypervisor.close()
 
