@@ -102,6 +102,11 @@ user_data = {tmp_path}/user_data
                 "--log-file", str(self.log), "--debug"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
+    def vac_command(self, *arguments: str) -> list[str]:
+        return [sys.executable, "-m", "vac.cli", "--conf-dir", str(self.conf_dir),
+                "--conf", str(self.tmp / "absent.conf"), "--run-conf", str(self.tmp / "run.conf"),
+                *arguments]
+
     def kill(self, signum=signal.SIGKILL) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
@@ -192,6 +197,11 @@ def test_a_vm_runs_finishes_cleanly_and_the_slot_is_reused(vacd_factory):
     second = vacd.wait_for("the next machine in slot 0", lambda: [
         r for r in vacd.records() if r["uuid"] != first["uuid"] and r["slot"] == 0])[0]
     assert second["machinetype"] == "test"
+    # An admin's view of it, through VacQuery from this factory.
+    shown = subprocess.run(vacd.vac_command("machinetypes"), capture_output=True, text=True,
+                           timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert "test" in shown.stdout and "200 Success" in shown.stdout
 
 
 def test_no_more_work_backs_the_machinetype_off(vacd_factory):
