@@ -398,3 +398,13 @@ def test_a_missing_volume_group_is_a_clear_startup_error(tmp_path, clock):
         await factory.shutdown()
 
     run(scenario())
+
+
+def test_configured_upload_caps_reach_the_mjf_service(tmp_path):
+    from vac.daemon import service_limits
+
+    extra = "joboutputs_file_max_bytes = 4096\njoboutputs_total_max_bytes = 8192\njoboutputs_max_files = 7"
+    config = configmod.load_config_or_raise(write_config(tmp_path, extra=extra), processor_count=8)
+    limits = service_limits(config.settings)
+    assert (limits.joboutput_file_bytes, limits.joboutputs_total_bytes,
+            limits.joboutputs_max_files) == (4096, 8192, 7)

@@ -123,6 +123,9 @@ class Settings:
     apel_version: str = "0.3"  # "0.3" or "0.4"
     hepscore23_per_processor: Optional[float] = None
     metrics_port: Optional[int] = None  # Prometheus endpoint on 127.0.0.1, off by default
+    joboutputs_file_max_bytes: int = 1024 * 1024  # one upload to joboutputs
+    joboutputs_total_max_bytes: int = 10 * 1024 * 1024  # all of one machine's joboutputs
+    joboutputs_max_files: int = 100
     kernel: Optional[str] = None  # direct kernel boot (test guests), absolute path
     initrd: Optional[str] = None
     kernel_cmdline: Optional[str] = None
@@ -513,6 +516,9 @@ SETTINGS_OPTIONS: dict[str, Converter] = {
     "apel_version": _choice("0.3", "0.4"),
     "hepscore23_per_processor": _number(0.0),
     "metrics_port": _listen_port,
+    "joboutputs_file_max_bytes": _integer(1),
+    "joboutputs_total_max_bytes": _integer(1),
+    "joboutputs_max_files": _integer(1),
     "kernel": _absolute_path,
     "initrd": _absolute_path,
     "kernel_cmdline": _text,

@@ -603,7 +603,8 @@ class Factory:
         from vac import metadata
 
         settings = self.config.settings
-        self.http_services = await metadata.start_services(settings, self.resolve_slot)
+        self.http_services = await metadata.start_services(settings, self.resolve_slot,
+                                                           limits=service_limits(settings))
         self.services.append(self.http_services)
         secret = vacquery.load_secret(settings)
         self.responder = await vacquery.start_responder(settings, lambda: self.status_snapshot,
@@ -696,6 +697,16 @@ class Factory:
             with contextlib.suppress(Exception):
                 await self.run_blocking(self.works.close)
         self.executor.shutdown(wait=False)
+
+
+def service_limits(settings: configmod.Settings):
+    """The metadata/MJF services' limits, with the upload caps a site may configure."""
+    from vac import metadata
+
+    return dataclasses.replace(
+        metadata.DEFAULT_LIMITS, joboutput_file_bytes=settings.joboutputs_file_max_bytes,
+        joboutputs_total_bytes=settings.joboutputs_total_max_bytes,
+        joboutputs_max_files=settings.joboutputs_max_files)
 
 
 class StartupError(Exception):
