@@ -114,3 +114,37 @@ def test_last_activity_is_the_newest_console_or_joboutput(store):
     store.write_file(machine, "joboutputs/heartbeat", "ok")
     os.utime(directory / "joboutputs" / "heartbeat", (1700000200, 1700000200))
     assert store.last_activity(machine) == 1700000200
+
+
+def test_upgrade_marks_a_new_directory_and_migrates_older_records(store, monkeypatch):
+    from vac import store as storemod
+
+    assert store.upgrade() is None
+    assert (store.root / "format").read_text() == "1\n"
+    assert store.upgrade() == 1  # idempotent
+    machine = make_machine()
+    store.create_machine_dir(machine)
+    # Pretend this version is format 2 and the directory format 1, with a renaming migration.
+    old = json.loads((store.machine_dir(machine) / "machine.json").read_text())
+    old["machine"]["cpu_seconds"] = 42.0
+    (store.machine_dir(machine) / "machine.json").write_text(json.dumps(old))
+
+    def rename_cpu(record):
+        record["machine"]["cpu_percentage"] = record["machine"].pop("cpu_seconds")
+        record["format"] = 2
+        return record
+
+    monkeypatch.setattr(storemod, "RECORD_FORMAT", 2)
+    monkeypatch.setattr(storemod, "MIGRATIONS", {1: rename_cpu})
+    assert store.upgrade() == 1
+    migrated = json.loads((store.machine_dir(machine) / "machine.json").read_text())
+    assert migrated["format"] == 2 and migrated["machine"]["cpu_percentage"] == 42.0
+    assert (store.root / "format").read_text() == "2\n"
+
+
+def test_a_newer_state_format_is_refused(store):
+    from vac.store import StoreError
+
+    (store.root / "format").write_text("99\n")
+    with pytest.raises(StoreError, match="written by a newer vac \\(format 99"):
+        store.upgrade()

@@ -557,6 +557,7 @@ class Factory:
         self.store = Store(settings.state_dir)
         try:
             self.store.prepare()
+            self.store.upgrade()
         except StoreError as error:
             raise StartupError(str(error)) from error
         loop = asyncio.get_running_loop()

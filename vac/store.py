@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 RECORD_FORMAT = 1
 RECORD_NAME = "machine.json"
+FORMAT_FILE = "format"  # the on-disk format of the whole state directory
+# Upgrades of the on-disk format: MIGRATIONS[n] turns a format-n machine record into format n+1.
+# Fields added with a default need no migration (Machine.from_dict fills them in).
+MIGRATIONS: dict = {}
 SUBDIRECTORIES = ("machines", "slots", "finishes", "tmp", "imagecache", "machinetypes",
                   "pipescache", "apel-archive", "apel-outgoing")
 
@@ -80,6 +84,43 @@ class Store:
                 (self.root / name).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create state directory {self.root}: {error}") from error
+
+    def upgrade(self) -> Optional[int]:
+        """Bring the state directory to this version's format, migrating every machine record.
+
+        Returns the format found (None for a new directory). Raises StoreError for a format
+        newer than this version knows: a downgraded vacd must not misread, or kill, machines.
+        """
+        path = self.root / FORMAT_FILE
+        try:
+            found = int(path.read_text(encoding="ascii").strip())
+        except FileNotFoundError:
+            found = None
+        except (OSError, ValueError) as error:
+            raise StoreError(f"cannot read {path}: {error}") from error
+        if found is not None and found > RECORD_FORMAT:
+            raise StoreError(f"{self.root} was written by a newer vac (format {found}; this "
+                             f"version knows up to {RECORD_FORMAT}): install that version again")
+        if found is not None and found < RECORD_FORMAT:
+            for directory in self.machine_dirs():
+                self._migrate(directory / RECORD_NAME, found)
+            log.info("migrated %s from format %d to %d", self.root, found, RECORD_FORMAT)
+        if found != RECORD_FORMAT:
+            atomic_write(path, f"{RECORD_FORMAT}\n")
+        return found
+
+    @staticmethod
+    def _migrate(path: Path, found: int) -> None:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # load_record reports it
+        version = record.get("format", found) if isinstance(record, dict) else None
+        if not isinstance(version, int) or version >= RECORD_FORMAT:
+            return
+        for step in range(version, RECORD_FORMAT):
+            record = MIGRATIONS[step](record)
+        atomic_write(path, json.dumps(record, indent=1))
 
     def machine_dir(self, machine: Machine) -> Path:
         return self.root / "machines" / machine.directory_name
