@@ -714,6 +714,12 @@ class StartupError(Exception):
     """vacd cannot start; the message says why."""
 
 
+async def serve(paths: configmod.ConfigPaths) -> None:
+    """Run a factory until it is stopped. The Factory is made inside the running loop: on
+    Python 3.9 (EL9) asyncio objects bind to the loop current when they are created."""
+    await Factory(paths).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vacd", description="Vac factory daemon.")
     parser.add_argument("--version", action="version", version=f"vacd {__version__}")
@@ -759,9 +765,8 @@ def main(argv: Optional[list] = None) -> int:
         except DaemonizeError as error:
             print(f"vacd: {error}", file=sys.stderr)
             return 1
-    factory = Factory(paths)
     try:
-        asyncio.run(factory.run())
+        asyncio.run(serve(paths))
     except StartupError as error:
         log.error("%s", error)
         return 1
