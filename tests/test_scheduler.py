@@ -18,6 +18,7 @@ from vac.scheduler import (
     Snapshot,
     clock,
     finish_message,
+    in_backoff,
     local_machinetype_reports,
     plan,
     should_account,
@@ -250,6 +251,8 @@ def test_the_newest_abort_in_the_space_counts():
     assert table["lhcb"].last_abort_time == ABORT_AT + 100
     assert table["lhcb"].last_abort_factory == "f08.example.org"
     assert table["lhcb"].blocked_by.startswith(f"lhcb in backoff until {clock(ABORT_AT + 110)}")
+    assert in_backoff(table["lhcb"])
+    assert not in_backoff(standings(backoff_config(), tuple(reports), ABORT_AT + 111)["lhcb"])
     assert creates(one_create(backoff_config(), reports, now=ABORT_AT + 111))
 
 

@@ -126,6 +126,8 @@ class Factory:
         self.services: list = []
         self.http_services = None
         self.metrics = None
+        self.backed_off: set[str] = set()  # machinetypes in backoff at the last plan (metrics)
+        self.queries_counted: dict[str, int] = {}  # responder answers already in the metrics
         self.notifier = None
         self.responder = None
         self.status_snapshot: Optional[vacquery.StatusSnapshot] = None
@@ -294,8 +296,19 @@ class Factory:
             if note not in self.last_notes:
                 log.info("plan: %s", note)
         self.last_notes = notes
+        if self.metrics is not None:
+            self.count_backoffs(config, reports, now)
         for action in plan.actions:
             self.apply(action, now)
+
+    def count_backoffs(self, config: configmod.Config, reports: tuple, now: float) -> None:
+        """Count each machinetype's entries into backoff (for metrics only: it costs a second
+        look at the space's standings)."""
+        in_backoff = {name for name, standing in scheduler.standings(config, reports, now).items()
+                      if scheduler.in_backoff(standing)}
+        for name in in_backoff - self.backed_off:
+            self.metrics.backoffs.inc(machinetype=name)
+        self.backed_off = in_backoff
 
     def num_slots(self) -> int:
         """One slot per processor vac may use (each machine has at least one)."""
@@ -520,6 +533,12 @@ class Factory:
                 key = (machine.machinetype, machine.state.value)
                 counts[key] = counts.get(key, 0) + 1
             self.metrics.machines.replace(counts)
+            if self.responder is not None:
+                for kind, answered in self.responder.answered.items():
+                    new = answered - self.queries_counted.get(kind, 0)
+                    if new:
+                        self.metrics.vacquery_queries.inc(new, query=kind)
+                    self.queries_counted[kind] = answered
 
     def build_status_snapshot(self, now: float, slots: int, running: list) -> vacquery.StatusSnapshot:
         """What the VacQuery responder reports until the next cycle."""

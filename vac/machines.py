@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vac import __version__, apel, disks, hypervisor, metadata, userdata
+from vac import apel, disks, hypervisor, imagecache, metadata, userdata
 from vac.config import Machinetype, Settings
 from vac.model import Machine
 from vac.store import Store
@@ -96,12 +96,8 @@ class MachineWorks:
 
     def root_image(self, machinetype: Machinetype, settings: Settings) -> Path:
         if self.images is None:
-            from vac import imagecache
-
             self.images = imagecache.ImageCache(Path(settings.state_dir) / "imagecache",
-                                                user_agent=f"Vac {__version__}")
-        from vac import imagecache
-
+                                                user_agent=imagecache.default_user_agent())
         return imagecache.resolve_root_image(machinetype, self.images)
 
     def domain_spec(self, machine: Machine, machinetype: Machinetype, settings: Settings,

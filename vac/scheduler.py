@@ -38,6 +38,7 @@ MAX_SHUTDOWN_MESSAGE_CHARS = 200  # VM-written text travels in VacQuery datagram
 DEFAULT_HS06_PER_PROCESSOR = 1.0
 HEARTBEAT_NOT_CREATED = "700 Heartbeat file not created"
 HEARTBEAT_NOT_UPDATED = "700 Heartbeat file not updated"
+BACKOFF_REASON = " in backoff until "  # after the machinetype's name, in Standing.blocked_by
 
 # States whose machines use processors and count as running in reports and superslots.
 ACTIVE_STATES = frozenset({MachineState.CREATING, MachineState.RUNNING, MachineState.STOPPING})
@@ -324,7 +325,7 @@ class _Space:
             extension = machinetype.fizzle_seconds if self.young[name] > 0 else 0
             until = abort.shutdown_time + machinetype.backoff_seconds + extension
             if not abort.shutdown_time < self.now - machinetype.backoff_seconds - extension:
-                why = f"{name} in backoff until {clock(until)} after '{abort.shutdown_message}'"
+                why = f"{name}{BACKOFF_REASON}{clock(until)} after '{abort.shutdown_message}'"
                 why += f" on {abort.factory}"
                 if extension:
                     why += f" (+fizzle_seconds={extension} while {self.young[name]} are young)"
@@ -370,6 +371,11 @@ def standings(config: Config, reports: tuple[MachinetypeReport, ...], now: float
     """Machinetype name -> Standing, for every machinetype with ``target_share > 0``."""
     space = _Space(config, reports, now)
     return {name: space.standing(name) for name in space.types}
+
+
+def in_backoff(standing: Standing) -> bool:
+    """Whether a machinetype is blocked by backoff after an abort (not by another rule)."""
+    return (standing.blocked_by or "").startswith(standing.machinetype + BACKOFF_REASON)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -266,7 +266,3 @@ class Store:
 
     def write_status(self, status: dict) -> None:
         atomic_write(self.root / "status.json", json.dumps(status, sort_keys=True))
-
-    def free_bytes(self) -> int:
-        stats = os.statvfs(self.root)
-        return stats.f_bavail * stats.f_frsize
