@@ -169,7 +169,7 @@ def run_model(slots: int) -> int:
     import gc
     import tracemalloc
 
-    from tests.fakes import FakeClock, FakeWorks
+    from tests.fakes import FakeClock, FakeWorks, settle
     from vac import config as configmod
     from vac.daemon import Factory
     from vac.model import MachineState
@@ -178,16 +178,6 @@ def run_model(slots: int) -> int:
     host = HostFacts(processors=slots, load_averages=(0.0, 0.0, 0.0),
                      state_dir_free_bytes=1 << 40, free_memory_bytes=1 << 40)
     result: dict = {"slots": slots, "imported": memory_kb()}
-
-    async def settle(factory: Factory) -> None:
-        for _ in range(4 * slots + 10):
-            await asyncio.sleep(0)
-            if factory.tasks:
-                await asyncio.gather(*list(factory.tasks), return_exceptions=True)
-            elif not factory.wake.is_set():
-                return
-            factory.wake.clear()
-            await factory.cycle(reconcile=False)
 
     def running(factory: Factory) -> int:
         return sum(m.state is MachineState.RUNNING for m in factory.machines.values())
@@ -198,7 +188,7 @@ def run_model(slots: int) -> int:
                 return
             clock.advance(5)
             await factory.cycle(reconcile=True)
-            await settle(factory)
+            await settle(factory, 4 * slots + 10)
         states = sorted(m.state.value for m in factory.machines.values())
         raise RuntimeError(f"model: only {running(factory)} of {slots} machines running "
                            f"(states {states}); plan notes: {sorted(factory.last_notes)}")
@@ -211,7 +201,7 @@ def run_model(slots: int) -> int:
         for machine in list(factory.machines.values()):
             works.power_off(machine.uuid)
         await asyncio.sleep(0)  # the events reach the loop through call_soon_threadsafe
-        await settle(factory)
+        await settle(factory, 4 * slots + 10)
 
     async def scenario(root: Path) -> None:
         conf_dir = root / "vac.d"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 
@@ -116,3 +117,15 @@ class FakeWorks:
 
     def named(self, call):
         return [entry for entry in self.calls if entry[0] == call]
+
+
+async def settle(factory, rounds: int = 50) -> None:
+    """Let a Factory's background steps finish and its cycle catch up (at most ``rounds``)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+        if factory.tasks:
+            await asyncio.gather(*list(factory.tasks), return_exceptions=True)
+        elif not factory.wake.is_set():
+            return
+        factory.wake.clear()
+        await factory.cycle(reconcile=False)

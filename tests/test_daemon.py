@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.fakes import FakeClock, FakeDomain, FakeWorks
+from tests.fakes import FakeClock, FakeDomain, FakeWorks, settle
 from vac import config as configmod
 from vac.daemon import Factory
 from vac.model import MachineState
@@ -46,18 +46,6 @@ def write_config(tmp_path, processors=2, extra="", machinetype_extra=""):
                            machinetype_extra=machinetype_extra))
     return configmod.ConfigPaths(conf_dir=str(conf_dir), main_conf=str(tmp_path / "none.conf"),
                                  run_confs=(str(tmp_path / "run.conf"),))
-
-
-async def settle(factory):
-    """Let background steps finish and the cycle catch up (bounded)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
-        if factory.tasks:
-            await asyncio.gather(*list(factory.tasks), return_exceptions=True)
-        elif not factory.wake.is_set():
-            return
-        factory.wake.clear()
-        await factory.cycle(reconcile=False)
 
 
 @pytest.fixture
@@ -408,3 +396,33 @@ def test_configured_upload_caps_reach_the_mjf_service(tmp_path):
     limits = service_limits(config.settings)
     assert (limits.joboutput_file_bytes, limits.joboutputs_total_bytes,
             limits.joboutputs_max_files) == (4096, 8192, 7)
+
+
+def test_metrics_count_creations_backoffs_and_queries(tmp_path, clock):
+    import socket
+
+    from vac import vacquery
+    from vac.config import FactoryAddress
+
+    with socket.socket() as probe:  # a free port for the metrics endpoint
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1, extra=f"metrics_port = {port}")
+        machine = next(iter(factory.machines.values()))
+        factory.store.write_file(machine, "joboutputs/shutdown_message", "300 No more work")
+        clock.advance(120)
+        await power_off(factory, works, machine.uuid)
+        me = [FactoryAddress("f1.example.org", "127.0.0.1", factory.responder.address[1])]
+        await vacquery.query_machinetypes(factory.config.settings, me, timeout=5)
+        await cycle(factory, reconcile=False)
+        metrics = factory.metrics
+        assert metrics.creations.value(machinetype="lhcb") == 1
+        assert metrics.backoffs.value(machinetype="lhcb") == 1
+        await cycle(factory)  # still in backoff: not counted again
+        assert metrics.backoffs.value(machinetype="lhcb") == 1
+        assert metrics.vacquery_queries.value(query=vacquery.MACHINETYPES) == 1
+        await factory.shutdown()
+
+    run(scenario())
