@@ -26,7 +26,7 @@ setup(
         "requests",
         "pyOpenSSL",
         "python-daemon",
-        "aiohttp>=3.9",  # handler_cancellation and BaseRunner shutdown_timeout (vac.metadata)
+        "aiohttp>=3.9",  # handler_cancellation and BaseRunner shutdown_timeout (vac.services.metadata)
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff", "matplotlib"],
@@ -34,9 +34,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "vac = vac.cli:main",
-            "vacd = vac.daemon:main",
-            "check-vacd = vac.check:main",
+            "vac = vac.cli.main:main",
+            "vacd = vac.daemon.vacd:main",
+            "check-vacd = vac.cli.check:main",
         ]
     },
 )

@@ -2,7 +2,7 @@
 did for every query).
 
 Loads the example fragments in ``etc/vac.d`` (settings + two machinetypes), and a generated space
-of 20 machinetypes, with ``vac.config.load_config``; the baseline is the bare stdlib
+of 20 machinetypes, with ``vac.core.config.load_config``; the baseline is the bare stdlib
 ``configparser`` reading the same files without any checking, as the classic factory did.
 Run: ``python benchmarks/config_reload.py [--rounds 500]``.
 """
@@ -19,7 +19,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from vac.config import ConfigPaths, load_config  # noqa: E402
+from vac.core.config import ConfigPaths, load_config  # noqa: E402
 
 HOST = {"hostname": "wn001.example.org", "processor_count": 64}
 

@@ -4,7 +4,7 @@ Target (ARCHITECTURE.md §8): >= 2,000 req/s and p99 < 10 ms at 50 concurrent cl
 
 Servers, each in its own process, over the same machine directories in a temporary state dir:
 
-* vacd: ``vac.metadata.start_services`` (aiohttp on one event loop), metadata on 127.0.0.2 and
+* vacd: ``vac.services.metadata.start_services`` (aiohttp on one event loop), metadata on 127.0.0.2 and
   MJF on 127.0.0.3.
 * classic: a stdlib ``http.server`` with ``ForkingMixIn`` (one fork per request, HTTP/1.0, the
   design of classic vacd-metadata/vacd-mjf) on 127.0.0.4, serving the same two documents from
@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vac import metadata  # noqa: E402
-from vac.config import Machinetype, Settings  # noqa: E402
-from vac.metadata import MachineContext  # noqa: E402
-from vac.model import Machine, MachineState  # noqa: E402
+from vac.core.config import Machinetype, Settings  # noqa: E402
+from vac.core.model import Machine, MachineState  # noqa: E402
+from vac.services import metadata  # noqa: E402
+from vac.services.metadata import MachineContext  # noqa: E402
 
 METADATA_HOST, MJF_HOST, CLASSIC_HOST = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 META_PATH = "/openstack/latest/meta_data.json"

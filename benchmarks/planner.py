@@ -1,4 +1,4 @@
-"""Planning time of vac.scheduler.plan (target: < 20 ms for 64 slots × 20 machinetypes × 500 peers).
+"""Planning time of vac.core.scheduler.plan (target: < 20 ms for 64 slots × 20 machinetypes × 500 peers).
 
 Run: /work/venv/bin/python benchmarks/planner.py [--repeat N]
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vac.config import Config, Machinetype, Settings  # noqa: E402
-from vac.model import Machine, MachineState, MachinetypeReport  # noqa: E402
-from vac.scheduler import HostFacts, Snapshot, plan  # noqa: E402
+from vac.core.config import Config, Machinetype, Settings  # noqa: E402
+from vac.core.model import Machine, MachineState, MachinetypeReport  # noqa: E402
+from vac.core.scheduler import HostFacts, Snapshot, plan  # noqa: E402
 
 NOW = 1_700_000_000.0
 TARGET_MS = 20.0

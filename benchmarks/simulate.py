@@ -4,7 +4,7 @@ machinetypes (etc/simulate/ten-types.ini), with a small space as baseline in the
 Run: /work/venv/bin/python benchmarks/simulate.py [--factories N] [--small N] [--duration D]
 
 Printed per case: wall and CPU seconds, events, planner calls (and planning requests skipped
-because a factory was full), the share of the time spent inside vac.scheduler.plan, microseconds
+because a factory was full), the share of the time spent inside vac.core.scheduler.plan, microseconds
 per planner call, and the ratio of wall time per factory against the small case (1.0 means the
 simulation scales linearly with the number of factories).
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vac import scheduler, simulate  # noqa: E402
+from vac.cli import simulate  # noqa: E402
+from vac.core import scheduler  # noqa: E402
 
 SCENARIO = ROOT / "etc" / "simulate" / "ten-types.ini"
 TARGET_SECONDS = 300.0  # "a few minutes" on a 2-core machine

@@ -17,15 +17,15 @@ network on 169.254.0.0/16 can exist on a host, TESTBED.md P6: the benchmark wait
 
 1. **bare**: the benchmark makes the factory network itself, then creates ``--bare-samples``
    domains with ``conn.createXML(xml, VIR_DOMAIN_START_VALIDATE)`` (vacd's call), where ``xml``
-   comes from ``vac.disks.prepare_disks`` + ``vac.hypervisor.machine_domain_spec`` for the same
+   comes from ``vac.backends.vm.disks.prepare_disks`` + ``vac.backends.vm.hypervisor.machine_domain_spec`` for the same
    settings and machinetype vacd uses. It times the call, waits 1 s, and times ``destroy()``.
 2. **vacd**: a real vacd process (``--log-file --log-format json --debug``) on that network
    with ``--slots`` slots, whose guests run ``vac-put shutdown_message "200 ok"`` and power off
    (so every machine ends by a guest poweroff), until ``--cycles`` slot turnarounds happened.
    vacd runs unmodified except for one hook installed by this script (``--run-vacd``): it logs
-   ``createXML begin|end NAME UUID`` around ``vac.hypervisor.Hypervisor.create``, so the moment
+   ``createXML begin|end NAME UUID`` around ``vac.backends.vm.hypervisor.Hypervisor.create``, so the moment
    vacd calls ``createXML`` is known to the millisecond. Its VmRSS is sampled every 0.5 s.
-3. **model**: a child process runs ``vac.daemon.Factory`` in-process with ``tests.fakes``'s
+3. **model**: a child process runs ``vac.daemon.vacd.Factory`` in-process with ``tests.fakes``'s
    FakeWorks (no libvirt) and 64 slots, and reports its VmRSS with the model empty, with 64
    RUNNING machines, after 3 complete turnovers of all 64, and the Python heap (tracemalloc)
    that filling 64 slots allocates.
@@ -104,10 +104,11 @@ MACHINETYPE = "bench"
 
 
 def run_hooked_vacd(argv: list[str]) -> int:
-    """vac.daemon.main with ``createXML begin|end NAME UUID`` logged around Hypervisor.create."""
+    """vac.daemon.vacd.main with ``createXML begin|end NAME UUID`` logged around Hypervisor.create."""
     import logging
 
-    from vac import daemon, hypervisor
+    from vac.backends.vm import hypervisor
+    from vac.daemon import vacd as daemon
 
     hook_log = logging.getLogger("bench.hook")
     create = hypervisor.Hypervisor.create
@@ -170,10 +171,10 @@ def run_model(slots: int) -> int:
     import tracemalloc
 
     from tests.fakes import FakeClock, FakeWorks, settle
-    from vac import config as configmod
-    from vac.daemon import Factory
-    from vac.model import MachineState
-    from vac.scheduler import HostFacts
+    from vac.core import config as configmod
+    from vac.core.model import MachineState
+    from vac.core.scheduler import HostFacts
+    from vac.daemon.vacd import Factory
 
     host = HostFacts(processors=slots, load_averages=(0.0, 0.0, 0.0),
                      state_dir_free_bytes=1 << 40, free_memory_bytes=1 << 40)
@@ -276,7 +277,7 @@ class Lifecycle:
     def __init__(self, destroy_prefix: Optional[str] = None):
         import libvirt
 
-        from vac.hypervisor import start_event_loop
+        from vac.backends.vm.hypervisor import start_event_loop
 
         self.libvirt = libvirt
         self.kinds = {libvirt.VIR_DOMAIN_EVENT_STARTED: "STARTED",
@@ -427,14 +428,14 @@ class Bench:
             machinetype=MACHINETYPE))
 
     def config_paths(self):
-        from vac import config as configmod
+        from vac.core import config as configmod
 
         return configmod.ConfigPaths(conf_dir=str(self.conf_dir),
                                      main_conf=str(self.root / "absent.conf"),
                                      run_confs=(str(self.root / "run.conf"),))
 
     def load_config(self):
-        from vac import config as configmod
+        from vac.core import config as configmod
 
         config, problems = configmod.load_config(self.config_paths(), processor_count=self.slots)
         if config is None:
@@ -460,7 +461,7 @@ class Bench:
 
 def make_network(config) -> None:
     """The factory network exactly as vacd makes it; vacd later finds it and keeps it."""
-    from vac import hypervisor
+    from vac.backends.vm import hypervisor
 
     adapter = hypervisor.Hypervisor(URI, lambda _event: None)
     adapter.connect()
@@ -474,8 +475,8 @@ def bare_samples(bench: Bench, config, lifecycle: Lifecycle, count: int) -> tupl
     """Durations of bare createXML calls of vacd's XML for slot 0, and of destroy() 1 s later."""
     import libvirt
 
-    from vac import disks, hypervisor
-    from vac.model import Machine, slot_name
+    from vac.backends.vm import disks, hypervisor
+    from vac.core.model import Machine, slot_name
 
     settings = config.settings
     machinetype = config.machinetypes[MACHINETYPE]
@@ -781,7 +782,7 @@ def clean_up(uuids: set[str], prefix: str, network_name: str) -> None:
                 pass  # gone meanwhile
     finally:
         conn.close()
-    from vac.hypervisor import Hypervisor
+    from vac.backends.vm.hypervisor import Hypervisor
 
     connection = Hypervisor(URI, lambda event: None)
     connection.connect()
@@ -849,7 +850,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def measure(args, bench: Bench, model: dict) -> None:
     """The libvirt phases (bare, vacd) on the benchmark's network, then the report."""
-    from vac.hypervisor import start_event_loop
+    from vac.backends.vm.hypervisor import start_event_loop
 
     config = bench.load_config()
     wait_for_free_subnet()
@@ -874,7 +875,7 @@ def measure(args, bench: Bench, model: dict) -> None:
 
 
 def slot_prefix(factory: str) -> str:
-    """What every slot name of ``factory`` starts with (vac.model.slot_name: host-NN.domain)."""
+    """What every slot name of ``factory`` starts with (vac.core.model.slot_name: host-NN.domain)."""
     return factory.partition(".")[0] + "-"
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Targets (ARCHITECTURE.md §8): responder >= 5,000 machinetypes queries/s with 20 machinetypes and
 p99 < 5 ms; ``vac machines`` across 500 loopback responders < 1 s.
 
-1. **Responder.** One responder (``vac.vacquery.start_responder``, 20 machinetypes) in its own
+1. **Responder.** One responder (``vac.services.vacquery.start_responder``, 20 machinetypes) in its own
    process on 127.0.0.2; a load generator in another process keeps ``--concurrency`` queries
    outstanding, each with its own cookie, and counts a query done when all 20 replies arrived.
    The per-source rate limit is raised for this run (the generator is one source); it is still
@@ -11,7 +11,7 @@ p99 < 5 ms; ``vac machines`` across 500 loopback responders < 1 s.
    socket, a 1024-byte receive buffer, every reply re-encoded with ``json.dumps`` per query; it
    is spared the classic per-query config and file reads, so the ratio flatters it).
 2. **`vac machines`.** 500 responders (``--slots`` machines each) in one process on
-   127.1.x.y; the client is ``vac.vacquery.query_machines`` as ``vac machines`` runs it. Baseline:
+   127.1.x.y; the client is ``vac.services.vacquery.query_machines`` as ``vac machines`` runs it. Baseline:
    the classic client algorithm of REFERENCE.md §2.4 (rounds of sends to incomplete factories,
    then receive until one 2 s receive timeout, up to 6 rounds). Both also with 5 responders
    stopped: ours returns at its deadline (``-t 2``), classic needs all six 2 s rounds.
@@ -38,9 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vac import vacquery  # noqa: E402
-from vac.config import FactoryAddress, Settings  # noqa: E402
-from vac.model import MachinetypeReport  # noqa: E402
+from vac.core.config import FactoryAddress, Settings  # noqa: E402
+from vac.core.model import MachinetypeReport  # noqa: E402
+from vac.services import vacquery  # noqa: E402
 
 SPACE = "bench.example.org"
 RESPONDER_HOST, CLASSIC_HOST, GENERATOR_HOST = "127.0.0.2", "127.0.0.3", "127.0.0.4"

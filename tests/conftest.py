@@ -124,7 +124,7 @@ class TestNetworkNames:
 
 
 def _remove_network(name: str) -> None:
-    from vac.hypervisor import Hypervisor
+    from vac.backends.vm.hypervisor import Hypervisor
 
     hypervisor = Hypervisor(SYSTEM_URI, lambda event: None)
     hypervisor.connect()
@@ -149,7 +149,7 @@ def system_network_names(system_guest: TestGuest):
 
 
 class EventRecorder:
-    """An event sink for ``vac.hypervisor.Hypervisor`` that tests can wait on (thread-safe)."""
+    """An event sink for ``vac.backends.vm.hypervisor.Hypervisor`` that tests can wait on (thread-safe)."""
 
     __test__ = False
 

@@ -16,7 +16,7 @@ class FakeDomain:
 
     @property
     def state(self):
-        from vac.hypervisor import DomainState
+        from vac.backends.vm.hypervisor import DomainState
 
         return DomainState.RUNNING if self.active else DomainState.SHUTOFF
 
@@ -33,7 +33,7 @@ class FakeClock:
 
 
 class FakeWorks:
-    """Stands in for vac.machines.MachineWorks; records every call in ``calls``."""
+    """Stands in for vac.daemon.machines.MachineWorks; records every call in ``calls``."""
 
     instances: list = []
     fail_connects_at_start = 0
@@ -55,13 +55,13 @@ class FakeWorks:
         self.calls.append(("connect",))
         if self.fail_connects:
             self.fail_connects -= 1
-            from vac.hypervisor import NotConnectedError
+            from vac.backends.vm.hypervisor import NotConnectedError
 
             raise NotConnectedError("fake libvirtd is down")
 
     def check_storage(self):
         if self.settings.volume_group == "missing":
-            from vac.disks import DiskError
+            from vac.backends.vm.disks import DiskError
 
             raise DiskError("Volume group \"missing\" not found")
 

@@ -16,9 +16,10 @@ from dirq.QueueSimple import QueueSimple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vac import apel, cli
-from vac.config import Machinetype, Settings
-from vac.model import Machine
+from vac.cli import main as cli
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
+from vac.records import apel
 
 END = float(calendar.timegm((2026, 3, 14, 15, 9, 26)))  # 20260314
 UUID = "0e1c7a4c-5f3b-4c1b-9a55-123456789abc"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vac import check
-from vac import config as configmod
-from vac.check import CRITICAL, OK, UNKNOWN, WARNING, StatusError, validate_status
+from vac.cli import check
+from vac.cli.check import CRITICAL, OK, UNKNOWN, WARNING, StatusError, validate_status
+from vac.core import config as configmod
 
 NOW = 1_800_000_000.0
 REPO = Path(__file__).resolve().parent.parent
@@ -157,7 +157,7 @@ def test_state_dir_from_configuration(tmp_path, capsys):
 @pytest.mark.component
 def test_exit_status_of_the_real_command(tmp_path):
     (tmp_path / "status.json").write_text(json.dumps(healthy_status(pid=dead_pid(), loop_time=0)))
-    done = subprocess.run([sys.executable, "-m", "vac.check", "--state-dir", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "vac.cli.check", "--state-dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=30)
     assert done.returncode == CRITICAL
     assert done.stdout.startswith("VACD CRITICAL - vacd (pid ")

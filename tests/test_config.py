@@ -12,9 +12,9 @@ from typing import Optional
 
 import pytest
 
-from vac import cli
-from vac import config as configmod
-from vac.config import (
+from vac.cli import main as cli
+from vac.core import config as configmod
+from vac.core.config import (
     DEPRECATED_OPTIONS,
     MACHINETYPE_OPTIONS,
     OBSOLETE_OPTIONS,

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from tests.fakes import FakeClock, FakeDomain, FakeWorks, settle
-from vac import config as configmod
-from vac.daemon import Factory
-from vac.model import MachineState
-from vac.scheduler import HostFacts
+from vac.core import config as configmod
+from vac.core.model import MachineState
+from vac.core.scheduler import HostFacts
+from vac.daemon.vacd import Factory
 
 pytestmark = pytest.mark.component  # binds the metadata services on loopback
 
@@ -260,8 +260,8 @@ def test_finished_machine_directories_expire_but_live_ones_stay(tmp_path, clock)
 
 
 def test_the_responder_reports_the_factory_from_its_model(tmp_path, clock):
-    from vac import vacquery
-    from vac.config import FactoryAddress
+    from vac.core.config import FactoryAddress
+    from vac.services import vacquery
 
     async def scenario():
         factory, works = await started(tmp_path, clock)
@@ -303,7 +303,7 @@ def test_start_waits_for_libvirtd_and_then_works(tmp_path, clock, caplog):
 
 
 def test_unusable_service_address_is_a_clear_startup_error(tmp_path, clock):
-    from vac.daemon import StartupError
+    from vac.daemon.vacd import StartupError
 
     async def scenario():
         factory = make_factory(tmp_path, clock, extra="vacquery_secret_file = /nonexistent/secret")
@@ -315,7 +315,7 @@ def test_unusable_service_address_is_a_clear_startup_error(tmp_path, clock):
 
 
 def test_status_file_meets_the_check_vacd_contract(tmp_path, clock):
-    from vac.check import evaluate, read_status, validate_status
+    from vac.cli.check import evaluate, read_status, validate_status
 
     async def scenario():
         factory, works = await started(tmp_path, clock)
@@ -366,7 +366,7 @@ def test_sighup_reload_applies_a_run_time_drain(tmp_path, clock):
 
 
 def test_vacd_check_config_reports_located_errors(tmp_path, capsys):
-    from vac.daemon import main
+    from vac.daemon.vacd import main
 
     paths = write_config(tmp_path, extra="udp_timeout_seconds = soon")
     status = main(["--check-config", "--conf-dir", paths.conf_dir, "--conf", paths.main_conf,
@@ -377,7 +377,7 @@ def test_vacd_check_config_reports_located_errors(tmp_path, capsys):
 
 
 def test_a_missing_volume_group_is_a_clear_startup_error(tmp_path, clock):
-    from vac.daemon import StartupError
+    from vac.daemon.vacd import StartupError
 
     async def scenario():
         factory = make_factory(tmp_path, clock, extra="volume_group = missing")
@@ -389,7 +389,7 @@ def test_a_missing_volume_group_is_a_clear_startup_error(tmp_path, clock):
 
 
 def test_configured_upload_caps_reach_the_mjf_service(tmp_path):
-    from vac.daemon import service_limits
+    from vac.daemon.vacd import service_limits
 
     extra = "joboutputs_file_max_bytes = 4096\njoboutputs_total_max_bytes = 8192\njoboutputs_max_files = 7"
     config = configmod.load_config_or_raise(write_config(tmp_path, extra=extra), processor_count=8)
@@ -401,8 +401,8 @@ def test_configured_upload_caps_reach_the_mjf_service(tmp_path):
 def test_metrics_count_creations_backoffs_and_queries(tmp_path, clock):
     import socket
 
-    from vac import vacquery
-    from vac.config import FactoryAddress
+    from vac.core.config import FactoryAddress
+    from vac.services import vacquery
 
     with socket.socket() as probe:  # a free port for the metrics endpoint
         probe.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vac.daemonize import DaemonizeError, PidFile, process_alive, read_pid
+from vac.ops.daemonize import DaemonizeError, PidFile, process_alive, read_pid
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 DAEMON_SCRIPT = textwrap.dedent(
     """
     import logging, os, sys, time
-    from vac.daemonize import DaemonizeError, daemonize
-    from vac.logsetup import setup_logging
+    from vac.ops.daemonize import DaemonizeError, daemonize
+    from vac.ops.logsetup import setup_logging
 
     setup_logging(log_file=sys.argv[2])
     try:

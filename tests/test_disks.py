@@ -1,4 +1,4 @@
-"""Tests of vac.disks: real sparse files and qcow2 overlays (qemu-img), LVM through a recording
+"""Tests of vac.backends.vm.disks: real sparse files and qcow2 overlays (qemu-img), LVM through a recording
 runner whose argv lists are asserted."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import stat
 
 import pytest
 
-from vac import disks
-from vac.config import Machinetype, Settings
-from vac.disks import DiskError
-from vac.hypervisor import CommandError, DiskSpec, run_command
-from vac.model import Machine
+from vac.backends.vm import disks
+from vac.backends.vm.disks import DiskError
+from vac.backends.vm.hypervisor import CommandError, DiskSpec, run_command
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 
 GB = 10**9
 MACHINE = Machine(uuid="0b9c2a1e-3f4d-4c5b-8a6e-7f8091a2b3c4", name="factory-03.example.org",

@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 
-from vac import hypervisor
-from vac.config import Machinetype, Settings
-from vac.hypervisor import (
+from vac.backends.vm import hypervisor
+from vac.backends.vm.hypervisor import (
     CommandError,
     DhcpHost,
     DiskSpec,
@@ -21,7 +20,8 @@ from vac.hypervisor import (
     machine_domain_spec,
     run_command,
 )
-from vac.model import Machine
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 
 UUID = "0b9c2a1e-3f4d-4c5b-8a6e-7f8091a2b3c4"
 CREATED = 1_800_000_000.0

@@ -1,4 +1,4 @@
-"""Component tests of vac.hypervisor.Hypervisor against libvirt's test driver (one private node
+"""Component tests of vac.backends.vm.hypervisor.Hypervisor against libvirt's test driver (one private node
 per test, STANDARDS.md §E1): domains from our XML, events, listing, destroy semantics, network."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import uuid as uuidlib
 import libvirt
 import pytest
 
-from vac.config import Machinetype, Settings
-from vac.hypervisor import (
+from vac.backends.vm.hypervisor import (
     CommandError,
     DiskSpec,
     DomainState,
@@ -22,7 +21,8 @@ from vac.hypervisor import (
     factory_network,
     machine_domain_spec,
 )
-from vac.model import Machine
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 
 pytestmark = pytest.mark.component
 

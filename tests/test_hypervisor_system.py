@@ -23,10 +23,10 @@ import libvirt
 import pytest
 
 from tests.conftest import EventRecorder
-from vac import disks
-from vac.config import Machinetype, Settings
-from vac.hypervisor import EventKind, Hypervisor, factory_network, machine_domain_spec
-from vac.model import Machine, slot_ip, slot_name
+from vac.backends.vm import disks
+from vac.backends.vm.hypervisor import EventKind, Hypervisor, factory_network, machine_domain_spec
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine, slot_ip, slot_name
 
 pytestmark = pytest.mark.system
 

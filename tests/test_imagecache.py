@@ -24,9 +24,9 @@ from typing import Optional
 
 import pytest
 
-from vac import imagecache
-from vac.config import Machinetype
-from vac.imagecache import ImageCache, ImageError, resolve_root_image
+from vac.content import imagecache
+from vac.content.imagecache import ImageCache, ImageError, resolve_root_image
+from vac.core.config import Machinetype
 
 LAST_MODIFIED = 1_700_000_000.0
 USER_AGENT = "Vac/test"
@@ -128,7 +128,7 @@ def cache(tmp_path):
 
 @pytest.fixture
 def logs(caplog):
-    caplog.set_level(logging.DEBUG, logger="vac.imagecache")
+    caplog.set_level(logging.DEBUG, logger="vac.content.imagecache")
     return caplog
 
 
@@ -339,7 +339,7 @@ def test_later_requests_check_again(server, cache):
 
 
 def test_abandoned_partial_downloads_are_removed_at_start(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="vac.imagecache")
+    caplog.set_level(logging.INFO, logger="vac.content.imagecache")
     directory = tmp_path / "imagecache"
     directory.mkdir()
     old, recent = directory / ".download-old.part", directory / ".download-new.part"

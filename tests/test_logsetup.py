@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from vac import logsetup
-from vac.logsetup import connected_to_journal, setup_logging, syslog_priority
+from vac.ops import logsetup
+from vac.ops.logsetup import connected_to_journal, setup_logging, syslog_priority
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 

@@ -1,4 +1,4 @@
-"""Tests of vac.metadata: the MJF file helpers (pure) and the two HTTP services (component).
+"""Tests of vac.services.metadata: the MJF file helpers (pure) and the two HTTP services (component).
 
 The component tests run the real services on 127.0.0.2 (metadata) and 127.0.0.3 (MJF) with
 three fake machines in slots 1-3; a client bound to 127.0.0.(10+N) is the machine in slot N.
@@ -23,9 +23,10 @@ from typing import Optional
 
 import pytest
 
-from vac import metadata
-from vac.config import Machinetype, Settings
-from vac.metadata import (
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine, MachineState
+from vac.services import metadata
+from vac.services.metadata import (
     BadPath,
     Limits,
     LogLimiter,
@@ -35,7 +36,6 @@ from vac.metadata import (
     path_segments,
     write_mjf,
 )
-from vac.model import Machine, MachineState
 
 METADATA_HOST = "127.0.0.2"
 MJF_HOST = "127.0.0.3"
@@ -600,14 +600,14 @@ def test_a_resolver_answer_for_another_slot_is_refused(services):
 def test_request_log_is_rate_limited(tmp_path, caplog):
     running = _start(tmp_path, Limits(log_burst=3, log_per_second=0.001))
     try:
-        with caplog.at_level(logging.INFO, logger="vac.metadata"):
+        with caplog.at_level(logging.INFO, logger="vac.services.metadata"):
             for _ in range(10):
                 request(running.services.mjf_url, "/jobfeatures/job_id", slot=1)
             request(running.services.mjf_url, "/jobfeatures/nope", slot=2)
             request(running.services.metadata_url, "/latest/user-data", address=STRANGER)
     finally:
         running.stop()
-    lines = [record.getMessage() for record in caplog.records if record.name == "vac.metadata"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "vac.services.metadata"]
     machine1 = [line for line in lines if "factory-01.example.org" in line]
     assert machine1 == ["mjf factory-01.example.org GET /jobfeatures/job_id 200"] * 3
     assert "mjf factory-02.example.org GET /jobfeatures/nope 404" in lines
@@ -625,12 +625,12 @@ def test_start_services_refuses_one_address_for_both(tmp_path):
 @pytest.mark.component
 def test_malformed_requests_get_400_and_a_rate_limited_log(services, caplog):
     base = services.services.mjf_url
-    with caplog.at_level(logging.INFO, logger="vac.metadata"):
+    with caplog.at_level(logging.INFO, logger="vac.services.metadata"):
         for garbage in (b"GARBAGE\r\n\r\n", b"GET /jobfeatures/job_id HTTP/1.1\r\nHost: x\r\n"
                         b"Content-Length: -5\r\n\r\n", b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200
                         + b"\r\n"):
             assert status_of(raw_exchange(base, garbage, slot=1)) in (400, 431)
-    assert any(record.name == "vac.metadata.http" for record in caplog.records)
+    assert any(record.name == "vac.services.metadata.http" for record in caplog.records)
     assert get(base, "/jobfeatures/job_id") == services.contexts[1].machine.uuid.encode()
 
 
@@ -639,7 +639,7 @@ def test_unreadable_machine_data_is_a_logged_500(services, caplog):
     user_data = services.directory(1) / "user_data"
     user_data.unlink()
     os.symlink("/etc/passwd", user_data)  # symbolic links are never followed
-    with caplog.at_level(logging.ERROR, logger="vac.metadata"):
+    with caplog.at_level(logging.ERROR, logger="vac.services.metadata"):
         status, _, body = request(services.services.metadata_url, "/latest/user-data", slot=1)
     assert status == 500 and b"root:" not in body
     assert any("user-data" in record.getMessage() for record in caplog.records)

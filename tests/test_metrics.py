@@ -4,7 +4,7 @@ import math
 import aiohttp
 import pytest
 
-from vac.metrics import CONTENT_TYPE, Metrics, VacMetrics, start_metrics_server
+from vac.ops.metrics import CONTENT_TYPE, Metrics, VacMetrics, start_metrics_server
 
 
 def test_exposition_format():

@@ -5,10 +5,8 @@ import stat
 
 import pytest
 
-from vac import cli
-from vac import config as configmod
-from vac.config import FactoryAddress
-from vac.ops import (
+from vac.cli import main as cli
+from vac.cli.operator import (
     OpsError,
     clear_draining,
     edit_settings,
@@ -19,6 +17,8 @@ from vac.ops import (
     unique_paths,
     write_if_changed,
 )
+from vac.core import config as configmod
+from vac.core.config import FactoryAddress
 
 NOW = 1_800_000_000
 needs_loader = pytest.mark.skipif(not hasattr(configmod, "load_config"), reason="configuration loader not available")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vac import __version__
-from vac.store import SUBDIRECTORIES
+from vac.records.store import SUBDIRECTORIES
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "vac.spec"
@@ -219,7 +219,7 @@ def test_rpm_file_lists(rpms):
     command_files = set(query(rpms["vac-command"], "-l").split())
     assert "/usr/bin/vac" in command_files and "/usr/bin/vacd" not in command_files
     assert "/usr/lib/tmpfiles.d/vac.conf" in command_files and "/etc/vac.d" in command_files
-    assert any(re.fullmatch(r"/usr/lib/python3[.\d]*/site-packages/vac/check\.py", path) for path in command_files)
+    assert any(re.fullmatch(r"/usr/lib/python3[.\d]*/site-packages/vac/cli/check\.py", path) for path in command_files)
     assert any(re.fullmatch(r"/usr/share/man/man1/vac\.1(\.gz)?", path) for path in command_files)
     assert not daemon_files & command_files
 

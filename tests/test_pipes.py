@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 
-from vac import __version__, pipes
-from vac.config import Config, Machinetype, Settings, VacuumPipe
+from vac import __version__
+from vac.content import pipes
+from vac.core.config import Config, Machinetype, Settings, VacuumPipe
 
 NOW = 1_800_000_000.0
 URL = "https://pipes.example.org/lhcb.json"

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from vac.config import Config, Machinetype, Settings
-from vac.model import Finish, Machine, MachineState, MachinetypeReport
-from vac.scheduler import (
+from vac.core.config import Config, Machinetype, Settings
+from vac.core.model import Finish, Machine, MachineState, MachinetypeReport
+from vac.core.scheduler import (
     HEARTBEAT_NOT_CREATED,
     HEARTBEAT_NOT_UPDATED,
     Create,

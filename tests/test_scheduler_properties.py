@@ -7,9 +7,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vac.config import Config, Machinetype, Settings
-from vac.model import Machine, MachineState, MachinetypeReport, is_abort
-from vac.scheduler import ACTIVE_STATES, Create, HostFacts, Snapshot, plan
+from vac.core.config import Config, Machinetype, Settings
+from vac.core.model import Machine, MachineState, MachinetypeReport, is_abort
+from vac.core.scheduler import ACTIVE_STATES, Create, HostFacts, Snapshot, plan
 
 NOW = 1_700_000_000.0
 GIB = 1 << 30

@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from vac.sdnotify import SystemdNotifier, socket_address, watchdog_interval
+from vac.ops.sdnotify import SystemdNotifier, socket_address, watchdog_interval
 
 
 @pytest.fixture

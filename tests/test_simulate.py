@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from vac import cli, scheduler, simulate
-from vac.model import MachineState
+from vac.cli import main as cli
+from vac.cli import simulate
+from vac.core import scheduler
+from vac.core.model import MachineState
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "etc" / "simulate").glob("*.ini"))
 

@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from vac.model import Finish, Machine, MachineState
-from vac.store import Store, atomic_write
+from vac.core.model import Finish, Machine, MachineState
+from vac.records.store import Store, atomic_write
 
 
 def make_machine(**changes):
@@ -117,7 +117,7 @@ def test_last_activity_is_the_newest_console_or_joboutput(store):
 
 
 def test_upgrade_marks_a_new_directory_and_migrates_older_records(store, monkeypatch):
-    from vac import store as storemod
+    from vac.records import store as storemod
 
     assert store.upgrade() is None
     assert (store.root / "format").read_text() == "1\n"
@@ -143,7 +143,7 @@ def test_upgrade_marks_a_new_directory_and_migrates_older_records(store, monkeyp
 
 
 def test_a_newer_state_format_is_refused(store):
-    from vac.store import StoreError
+    from vac.records.store import StoreError
 
     (store.root / "format").write_text("99\n")
     with pytest.raises(StoreError, match="written by a newer vac \\(format 99"):

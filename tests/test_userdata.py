@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_imagecache import LocalHTTPServer, Route
-from vac import __version__, userdata
-from vac.config import Machinetype, Settings
-from vac.model import Machine
-from vac.userdata import UserDataError, build_user_data, fetch_template, fetch_url
+from vac import __version__
+from vac.content import userdata
+from vac.content.userdata import UserDataError, build_user_data, fetch_template, fetch_url
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 
 SETTINGS = Settings(vac_space="vac01.example.com", factory_name="factory1.example.com",
                     gocdb_sitename="UKI-TEST")

@@ -97,13 +97,13 @@ user_data = {tmp_path}/user_data
 """)
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "vac.daemon", "--conf-dir", str(self.conf_dir),
+        argv = [sys.executable, "-m", "vac.daemon.vacd", "--conf-dir", str(self.conf_dir),
                 "--conf", str(self.tmp / "absent.conf"), "--run-conf", str(self.tmp / "run.conf"),
                 "--log-file", str(self.log), "--debug"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
     def vac_command(self, *arguments: str) -> list[str]:
-        return [sys.executable, "-m", "vac.cli", "--conf-dir", str(self.conf_dir),
+        return [sys.executable, "-m", "vac.cli.main", "--conf-dir", str(self.conf_dir),
                 "--conf", str(self.tmp / "absent.conf"), "--run-conf", str(self.tmp / "run.conf"),
                 *arguments]
 

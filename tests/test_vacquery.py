@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vac import vacquery
-from vac.config import FactoryAddress, Settings
-from vac.model import Machine, MachineState, MachinetypeReport
+from vac.core.config import FactoryAddress, Settings
+from vac.core.model import Machine, MachineState, MachinetypeReport
+from vac.services import vacquery
 
 GOLDEN = Path(__file__).parent / "golden" / "vacquery"
 NOW = 1767225600  # 2026-01-01 00:00:00 UTC

@@ -18,9 +18,10 @@ import time
 
 import pytest
 
-from vac import cli, vacquery
-from vac.config import FactoryAddress, Settings
-from vac.model import MachinetypeReport
+from vac.cli import main as cli
+from vac.core.config import FactoryAddress, Settings
+from vac.core.model import MachinetypeReport
+from vac.services import vacquery
 
 pytestmark = pytest.mark.component
 

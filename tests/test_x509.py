@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 
-from vac import cli
-from vac import x509 as vx509
-from vac.config import Machinetype
+from vac.cli import main as cli
+from vac.content import x509 as vx509
+from vac.core.config import Machinetype
 
 NOW = float(int(time.time()))
 DAY = 86400.0

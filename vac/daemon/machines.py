@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vac import apel, disks, hypervisor, imagecache, metadata, userdata
-from vac.config import Machinetype, Settings
-from vac.model import Machine
-from vac.store import Store
+from vac.backends.vm import disks, hypervisor
+from vac.content import imagecache, userdata
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
+from vac.records import apel
+from vac.records.store import Store
+from vac.services import metadata
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class MachineWorks:
         template, url = userdata.fetch_template(machinetype, settings)
         proxy = None
         if machinetype.user_data_proxy:
-            from vac import x509
+            from vac.content import x509
 
             proxy = x509.machinetype_proxy(machinetype, machine.deadline, now)
         text = userdata.build_user_data(template, settings=settings, machinetype=machinetype,
@@ -105,7 +108,7 @@ class MachineWorks:
         """Make the machine's disks and describe its domain (policy here, none in the XML)."""
         image = self.root_image(machinetype, settings) if machinetype.root_image else None
         if image is not None and machinetype.image_signing_dn and machinetype.machine_model != "vm-raw":
-            from vac import x509
+            from vac.content import x509
 
             x509.verify_cernvm_image(str(image), machinetype.image_signing_dn)
         machine_disks = disks.prepare_disks(settings, machinetype, machine,
@@ -125,7 +128,7 @@ class MachineWorks:
         log.info("accounting for %s: %s", machine.name, result)
 
     def complete_accounting(self) -> None:
-        """Finish publishing records a crash interrupted (see vac.apel)."""
+        """Finish publishing records a crash interrupted (see vac.records.apel)."""
         completed = apel.complete_pending(self.settings)
         if completed:
             log.info("completed %d interrupted APEL records", completed)

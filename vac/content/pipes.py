@@ -45,9 +45,9 @@ import requests.adapters
 import urllib3
 
 from vac import __version__
-from vac.config import MACHINE_MODELS, Config, Machinetype, Settings, VacuumPipe
-from vac.store import atomic_write
-from vac.x509 import DEFAULT_CA_DIR
+from vac.content.x509 import DEFAULT_CA_DIR
+from vac.core.config import MACHINE_MODELS, Config, Machinetype, Settings, VacuumPipe
+from vac.records.store import atomic_write
 
 log = logging.getLogger(__name__)
 

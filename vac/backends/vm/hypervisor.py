@@ -32,8 +32,8 @@ from typing import Callable, Optional
 import libvirt
 
 from vac import __version__
-from vac.config import Machinetype, Settings
-from vac.model import NETWORK_PREFIX, Machine, slot_ip, slot_mac, slot_name
+from vac.core.config import Machinetype, Settings
+from vac.core.model import NETWORK_PREFIX, Machine, slot_ip, slot_mac, slot_name
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def domain_name(machine: Machine) -> str:
 
 def machine_domain_spec(machine: Machine, machinetype: Machinetype, settings: Settings,
                         directory: str, disks: Sequence[DiskSpec]) -> DomainSpec:
-    """The domain of ``machine``, whose disks ``vac.disks.prepare_disks`` made.
+    """The domain of ``machine``, whose disks ``vac.backends.vm.disks.prepare_disks`` made.
 
     KVM guests get the host CPU model (as Nova does), never host-passthrough, which fails on
     nested hosts (TESTBED.md P2); QEMU (TCG) guests get QEMU's default CPU. The console goes to

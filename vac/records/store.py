@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Optional, Union
 
-from vac.model import Finish, Machine, MachineState
+from vac.core.model import Finish, Machine, MachineState
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Interface used by every other module:
   Host facts default to this host (FQDN, logical processors); tests pass them in.
 * ``load_config_or_raise(...) -> Config``: the same, raising ``ConfigError(problems)`` on errors.
 * ``Config``: ``settings: Settings``, ``machinetypes: dict[str, Machinetype]`` (in name order,
-  including pipe-derived ones once vac.pipes has expanded them), ``vacuum_pipes: dict[str,
+  including pipe-derived ones once vac.content.pipes has expanded them), ``vacuum_pipes: dict[str,
   VacuumPipe]``, ``sources: dict[(section, option), "file:line" | "default"]`` where section is
   ``settings``, ``machinetype NAME`` or ``vacuum_pipe PREFIX``. Treat all of it as read-only.
 * ``Problem``: ``level`` (``"error"``/``"warning"``), ``message``, ``file``, ``line``, ``section``,
@@ -176,7 +176,7 @@ class Machinetype:
 
 @dataclasses.dataclass(frozen=True)
 class VacuumPipe:
-    """One ``[vacuum_pipe PREFIX]`` section; expanded into machinetypes by vac.pipes."""
+    """One ``[vacuum_pipe PREFIX]`` section; expanded into machinetypes by vac.content.pipes."""
 
     prefix: str
     vacuum_pipe_url: str
@@ -252,7 +252,7 @@ class ConfigPaths:
 
     @classmethod
     def from_args(cls, args: Any) -> ConfigPaths:
-        """From the options added by ``vac.cli.add_config_arguments`` (missing ones: defaults)."""
+        """From the options added by ``vac.cli.main.add_config_arguments`` (missing ones: defaults)."""
         run_conf = getattr(args, "run_conf", None)
         return cls(
             conf_dir=getattr(args, "conf_dir", None) or DEFAULT_CONF_DIR,

@@ -28,9 +28,9 @@ from typing import Optional
 import requests
 
 from vac import __version__
-from vac.config import Machinetype, Settings
-from vac.imagecache import default_ca_path, default_user_agent, http_session, is_url
-from vac.model import Machine
+from vac.content.imagecache import default_ca_path, default_user_agent, http_session, is_url
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 
 MAX_TEMPLATE_BYTES = 1024 * 1024  # templates and user_data_file_* files; EC2 allows far less
 TEMPLATE_TIMEOUT = 30.0  # classic: 30 s for the whole transfer

@@ -19,9 +19,9 @@ import shutil
 import stat
 from typing import Callable, Optional
 
-from vac.config import MACHINE_MODELS, Machinetype, Settings
-from vac.hypervisor import CommandError, CommandRunner, DiskSpec, run_command
-from vac.model import Machine
+from vac.backends.vm.hypervisor import CommandError, CommandRunner, DiskSpec, run_command
+from vac.core.config import MACHINE_MODELS, Machinetype, Settings
+from vac.core.model import Machine
 
 GB = 10**9  # disk sizes are decimal GB, as in classic Vac
 DEFAULT_FILE_GB_PER_PROCESSOR = 40.0

@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
-from vac.daemonize import process_alive
+from vac.ops.daemonize import process_alive
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -171,7 +171,7 @@ def evaluate(
 
 
 def _state_dir_from_config(args: argparse.Namespace) -> str:
-    from vac import config as configmod
+    from vac.core import config as configmod
 
     loaded, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
     if loaded is None:
@@ -190,7 +190,7 @@ class _PluginArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vac.cli import add_config_arguments
+    from vac.cli.main import add_config_arguments
 
     parser = _PluginArgumentParser(prog="check-vacd", description="Nagios/Icinga check of the local vacd.")
     parser.add_argument("-w", "--warning", type=float, default=DEFAULT_WARNING_SECONDS, metavar="SECONDS",

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Optional
 
-from vac.scheduler import HostFacts
+from vac.core.scheduler import HostFacts
 
 
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:

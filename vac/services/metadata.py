@@ -44,9 +44,9 @@ from typing import Callable, Optional, Union
 
 from aiohttp import web
 
-from vac.config import Machinetype, Settings
-from vac.model import Machine, slot_for_ip
-from vac.store import atomic_write
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine, slot_for_ip
+from vac.records.store import atomic_write
 
 log = logging.getLogger(__name__)
 # aiohttp's own protocol errors (malformed requests) go here, rate-limited like request lines.

@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from vac import __version__
-from vac.config import DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF, DEFAULT_RUN_CONFS
+from vac.core.config import DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF, DEFAULT_RUN_CONFS
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def cmd_conf(args: argparse.Namespace) -> int:
 
     With --check print only the problems. Problems go to stderr; exit status 1 on any error.
     """
-    from vac import config as configmod
+    from vac.core import config as configmod
 
     config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
     for problem in problems:
@@ -50,7 +50,7 @@ def cmd_proxy_init(args: argparse.Namespace) -> int:
     # Imported here so that the other subcommands do not load the crypto libraries.
     import time
 
-    from vac import x509
+    from vac.content import x509
 
     try:
         with open(args.cert, "rb") as cert_file, open(args.key, "rb") as key_file:
@@ -73,7 +73,7 @@ def cmd_cernvm_signature(args: argparse.Namespace) -> int:
     """Print the CernVM signature check of IMAGE; exit 0 only if it verifies."""
     import json
 
-    from vac import x509
+    from vac.content import x509
 
     result = x509.read_cernvm_signature(args.image, args.ca_dir or x509.DEFAULT_CA_DIR)
     if args.json:
@@ -104,7 +104,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     """Stop creating machines (optionally with a deadline for the running ones) via the run-time file."""
     import time
 
-    from vac import ops
+    from vac.cli import operator as ops
 
     path = args.run_conf or DEFAULT_RUN_CONFS[0]
     try:
@@ -122,7 +122,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_undrain(args: argparse.Namespace) -> int:
     """Remove draining and shutdown_time from the run-time file(s)."""
-    from vac import ops
+    from vac.cli import operator as ops
 
     paths = [args.run_conf] if args.run_conf else ops.unique_paths(DEFAULT_RUN_CONFS)
     try:
@@ -143,8 +143,8 @@ def cmd_squid_conf(args: argparse.Namespace) -> int:
     Exit status: 0 written or unchanged, 1 template, configuration or factory address unusable
     (OUT left alone), 2 OUT cannot be written.
     """
-    from vac import config as configmod
-    from vac import ops
+    from vac.cli import operator as ops
+    from vac.core import config as configmod
 
     try:
         with open(args.template, encoding="utf-8") as template_file:
@@ -187,8 +187,8 @@ def register_ops_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_apel_sync(args: argparse.Namespace) -> int:
     """Write an APEL sync record for each month YYYYMM (default: the month of now - 24 h)."""
-    from vac import apel
-    from vac import config as configmod
+    from vac.core import config as configmod
+    from vac.records import apel
 
     config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
     if config is None:
@@ -216,7 +216,7 @@ def register_apel_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the planner over the simulated space of SCENARIO; print a summary or JSON; plot."""
-    from vac import simulate
+    from vac.cli import simulate
 
     try:
         if args.plot:
@@ -263,8 +263,8 @@ def _vacquery(args: argparse.Namespace, kind: str):
     """
     import asyncio
 
-    from vac import config as configmod
-    from vac import vacquery
+    from vac.core import config as configmod
+    from vac.services import vacquery
 
     command = args.command
     config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
@@ -294,7 +294,7 @@ def _print_status(args: argparse.Namespace, result, table: str) -> int:
     """The table (or with --json the raw messages, problems on stderr); 1 unless all answered."""
     import json
 
-    from vac import vacquery
+    from vac.services import vacquery
 
     if args.json:
         print(json.dumps(result.messages, indent=2))
@@ -309,7 +309,7 @@ def cmd_machines(args: argparse.Namespace) -> int:
     """One line per slot of every factory (or of the factories named)."""
     import time
 
-    from vac import vacquery
+    from vac.services import vacquery
 
     done = _vacquery(args, vacquery.MACHINES)
     if done is None:
@@ -321,7 +321,7 @@ def cmd_machinetypes(args: argparse.Namespace) -> int:
     """Per factory and machinetype: machines, processors, HS06, last shutdown; then totals."""
     import time
 
-    from vac import vacquery
+    from vac.services import vacquery
 
     done = _vacquery(args, vacquery.MACHINETYPES)
     if done is None:
@@ -337,7 +337,7 @@ def cmd_factories(args: argparse.Namespace) -> int:
     """One line per factory: processors, machines, HS06, load, disk, memory, version."""
     import time
 
-    from vac import vacquery
+    from vac.services import vacquery
 
     done = _vacquery(args, vacquery.FACTORY)
     if done is None:
@@ -349,7 +349,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     """Find MACHINE in the space and replace this process with ssh to it as root."""
     import os
 
-    from vac import vacquery
+    from vac.services import vacquery
 
     done = _vacquery(args, vacquery.MACHINES)
     if done is None:

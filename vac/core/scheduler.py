@@ -27,8 +27,8 @@ import time
 from collections.abc import Mapping
 from typing import Optional, Union
 
-from vac.config import Config, Machinetype
-from vac.model import Finish, Machine, MachineState, MachinetypeReport, is_abort, shutdown_code
+from vac.core.config import Config, Machinetype
+from vac.core.model import Finish, Machine, MachineState, MachinetypeReport, is_abort, shutdown_code
 
 MIB = 1 << 20
 MIN_STATE_DIR_FREE_BYTES = 1 << 30  # admin guide: no new machines with under 1 GiB free

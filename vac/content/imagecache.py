@@ -40,7 +40,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from vac import __version__
-from vac.config import Machinetype
+from vac.core.config import Machinetype
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A scenario file (INI, documented in vac(1) and ``etc/simulate/``) names the spac
 configuration, the factories (``[hosts NAME]``: how many, how many processors) and, per machinetype, when work is
 available and how long VMs with work run. ``Simulation.run()`` is a discrete-event simulation:
 
-* every factory is a ``vacd`` in miniature: it calls ``vac.scheduler.plan`` unchanged whenever
+* every factory is a ``vacd`` in miniature: it calls ``vac.core.scheduler.plan`` unchanged whenever
   something happens to it (a creation completed, a machine finished) and every
   ``tick_seconds`` (``reconcile_seconds``), and applies the actions as the daemon does;
 * a VM starts ``create_seconds`` after its Create; if its machinetype has work at that moment it
@@ -47,9 +47,9 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from vac import scheduler
-from vac.config import Config, ConfigPaths, load_config
-from vac.model import Finish, Machine, MachineState, MachinetypeReport, is_abort, slot_name
+from vac.core import scheduler
+from vac.core.config import Config, ConfigPaths, load_config
+from vac.core.model import Finish, Machine, MachineState, MachinetypeReport, is_abort, slot_name
 
 START_TIME = 1_704_067_200.0  # 2024-01-01 00:00 UTC: scenario times are offsets from here
 PEERS_REPORT_NAME = "peers.simulate.invalid"  # factory name of a summed report with no abort

@@ -38,8 +38,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable, Optional
 
-from vac.config import Machinetype, Settings
-from vac.model import Machine
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
-from vac.config import FactoryAddress
-from vac.store import atomic_write
+from vac.core.config import FactoryAddress
+from vac.records.store import atomic_write
 
 SETTINGS_SECTION = "settings"
 

@@ -39,8 +39,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Optional, Union
 
 from vac import __version__
-from vac.config import FactoryAddress, Settings
-from vac.model import MachinetypeReport, slot_ip
+from vac.core.config import FactoryAddress, Settings
+from vac.core.model import MachinetypeReport, slot_ip
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class MachineStatus:
 
     @classmethod
     def from_machine(cls, factory: str, machine: Any) -> MachineStatus:
-        """From a ``vac.model.Machine``; the shutdown message only once it has shut down."""
+        """From a ``vac.core.model.Machine``; the shutdown message only once it has shut down."""
         wire_state = machine.state.wire_state
         shut_down = wire_state == "Shut down"
         return cls(

@@ -22,15 +22,17 @@ import time
 import uuid as uuidlib
 from typing import Callable, Optional
 
-from vac import __version__, scheduler, vacquery
-from vac import config as configmod
-from vac.cli import add_config_arguments
-from vac.disks import DiskError
-from vac.hostinfo import factory_facts, read_host_facts
-from vac.hypervisor import DomainState, HypervisorError
-from vac.machines import MachineWorks
-from vac.model import Finish, Machine, MachineState, slot_name
-from vac.store import Store, StoreError
+from vac import __version__
+from vac.backends.vm.disks import DiskError
+from vac.backends.vm.hypervisor import DomainState, HypervisorError
+from vac.cli.main import add_config_arguments
+from vac.core import config as configmod
+from vac.core import scheduler
+from vac.core.model import Finish, Machine, MachineState, slot_name
+from vac.daemon.machines import MachineWorks
+from vac.ops.hostinfo import factory_facts, read_host_facts
+from vac.records.store import Store, StoreError
+from vac.services import vacquery
 
 log = logging.getLogger("vacd")
 
@@ -163,7 +165,7 @@ class Factory:
     def expand_pipes(self, config: configmod.Config) -> configmod.Config:
         if not config.vacuum_pipes:
             return config
-        from vac import pipes
+        from vac.content import pipes
 
         expanded, problems = pipes.expand_pipes(config)
         for problem in problems:
@@ -620,7 +622,7 @@ class Factory:
 
     async def start_services(self) -> None:
         """Bind the metadata/MJF services, the VacQuery responder and the optional metrics."""
-        from vac import metadata
+        from vac.services import metadata
 
         settings = self.config.settings
         self.http_services = await metadata.start_services(settings, self.resolve_slot,
@@ -633,7 +635,7 @@ class Factory:
         self.peer_cache = vacquery.PeerReportCache(settings, secret=secret)
         self.run_service(self.peer_cache.run())
         if settings.metrics_port:
-            from vac import metrics
+            from vac.ops import metrics
 
             registry = metrics.Metrics()
             self.metrics = metrics.VacMetrics(registry)
@@ -642,7 +644,7 @@ class Factory:
 
     def resolve_slot(self, slot: int):
         """The machine a VM in ``slot`` may see through the metadata and MJF services."""
-        from vac.metadata import MachineContext
+        from vac.services.metadata import MachineContext
 
         machine = self.machine_in_slot(slot)
         if machine is None or machine.state not in SERVED_STATES:
@@ -650,7 +652,7 @@ class Factory:
         return MachineContext(machine, self.store.machine_dir(machine))
 
     async def run(self) -> None:
-        from vac.sdnotify import SystemdNotifier, watchdog_interval
+        from vac.ops.sdnotify import SystemdNotifier, watchdog_interval
 
         interval = watchdog_interval()
         self.notifier = SystemdNotifier(unset_environment=True)
@@ -721,7 +723,7 @@ class Factory:
 
 def service_limits(settings: configmod.Settings):
     """The metadata/MJF services' limits, with the upload caps a site may configure."""
-    from vac import metadata
+    from vac.services import metadata
 
     return dataclasses.replace(
         metadata.DEFAULT_LIMITS, joboutput_file_bytes=settings.joboutputs_file_max_bytes,
@@ -762,11 +764,11 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     paths = configmod.ConfigPaths.from_args(args)
     if args.check_config:
-        from vac.cli import cmd_conf
+        from vac.cli.main import cmd_conf
 
         args.check = True
         return cmd_conf(args)
-    from vac.logsetup import setup_logging
+    from vac.ops.logsetup import setup_logging
 
     if args.daemon and not args.log_file:
         args.log_file = DEFAULT_DAEMON_LOG  # a detached daemon has no stderr to write to
@@ -777,7 +779,7 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     os.umask(0o022)
     if args.daemon:
-        from vac.daemonize import DaemonizeError, daemonize
+        from vac.ops.daemonize import DaemonizeError, daemonize
 
         try:
             daemonize(args.pidfile)

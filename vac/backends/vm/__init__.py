@@ -1,0 +1,1 @@
+"""libvirt virtual machines: domain and network XML objects, events, disks."""

@@ -1,0 +1,1 @@
+"""Command-line faces: vac, check-vacd and vac simulate."""

@@ -1,0 +1,1 @@
+"""The daemon: executes the planner's actions against backends and services."""

@@ -1,0 +1,1 @@
+"""Operations: sd_notify, metrics, logging, daemonizing, host facts."""

@@ -1,0 +1,1 @@
+"""State on disk (atomic writes, versioned format, recovery) and APEL accounting records."""
