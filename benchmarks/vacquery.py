@@ -137,7 +137,7 @@ def generate_load(host: str, seconds: float, concurrency: int) -> dict:
     """Closed loop: ``concurrency`` queries outstanding; latency = send to 20th reply."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((GENERATOR_HOST, 0))
-    vacquery._raise_buffers(sock)
+    vacquery.raise_buffers(sock)
     sock.settimeout(0.5)
     salt = base64.b64encode(os.urandom(32)).decode()
     counter = 0
@@ -242,7 +242,7 @@ def classic_machines_query(factories: tuple, source: str) -> tuple:
     salt = base64.b64encode(os.urandom(32)).decode()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((source, 0))
-    vacquery._raise_buffers(sock)
+    vacquery.raise_buffers(sock)
     sock.settimeout(CLASSIC_RECEIVE_TIMEOUT)
     responses: dict = {entry.name: {"num_machines": 1, "machines": {}} for entry in factories}
     required = ("num_machines", "machine", "state", "uuid", "created_time", "started_time", "heartbeat_time",

@@ -1,4 +1,5 @@
-"""VacQuery codec, validation, authentication, responder logic, tables and ssh (pure tier).
+"""VacQuery codec, validation, authentication, responder logic, and the vac command's tables
+and ssh command lines (pure tier).
 
 The responder and client logic is driven through a recording socket, without the network;
 tests/test_vacquery_component.py runs the same code over real loopback sockets.
@@ -16,9 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vac.cli import ssh, tables
 from vac.core.config import FactoryAddress, Settings
 from vac.core.model import Machine, MachineState, MachinetypeReport
 from vac.services import vacquery
+from vac.services.vacquery import client as vq_client
+from vac.services.vacquery import codec as vq_codec
+from vac.services.vacquery import responder as vq_responder
 
 GOLDEN = Path(__file__).parent / "golden" / "vacquery"
 NOW = 1767225600  # 2026-01-01 00:00:00 UTC
@@ -31,7 +36,7 @@ PEER = FactoryAddress("factory2.example.ac.uk", "192.0.2.2")
 @pytest.fixture(autouse=True)
 def fixed_version(monkeypatch):
     """Golden files must not change with every release."""
-    monkeypatch.setattr(vacquery, "__version__", "04.00.00")
+    monkeypatch.setattr(vq_codec, "__version__", "04.00.00")
 
 
 def make_settings(**changes) -> Settings:
@@ -531,7 +536,7 @@ class SegmentingSocket(RecordingSocket):
 
     def sendmsg(self, buffers, ancillary, flags, addr):
         [(level, option, data)] = ancillary
-        assert (level, option) == (vacquery.SOL_UDP, vacquery.UDP_SEGMENT)
+        assert (level, option) == (vq_responder.SOL_UDP, vq_responder.UDP_SEGMENT)
         size = struct.unpack("=H", data)[0]
         payload = b"".join(buffers)
         self.sent += [(payload[at:at + size], addr) for at in range(0, len(payload), size)]
@@ -539,7 +544,7 @@ class SegmentingSocket(RecordingSocket):
 
 
 def test_replies_of_similar_size_share_one_segmented_send(monkeypatch):
-    monkeypatch.setattr(vacquery.sys, "platform", "linux")
+    monkeypatch.setattr(vq_responder.sys, "platform", "linux")
     messages = ["", "300 x", "300 " + "y" * 200, "", "200 Success"] * 4
     snapshot = dataclasses.replace(SNAPSHOT, machinetypes=[
         dataclasses.replace(REPORT, machinetype=f"type{n:02d}", shutdown_message=message)
@@ -552,17 +557,17 @@ def test_replies_of_similar_size_share_one_segmented_send(monkeypatch):
     assert 1 < responder.sock.batches < 20 and len(sent) == 20
     keys = sorted(vacquery.parse_response(data)[0].key for data in sent)
     assert keys == [f"type{n:02d}" for n in range(20)]
-    assert all(len(data) - len(data.rstrip(b" ")) <= vacquery.GSO_MAX_PADDING for data in sent)
+    assert all(len(data) - len(data.rstrip(b" ")) <= vq_responder.GSO_MAX_PADDING for data in sent)
     assert all(json.loads(data)["cookie"] == COOKIE for data in sent)  # classic json.loads too
 
 
 def test_gso_batches_bound_padding_and_segments():
     replies = [b"x" * size for size in (700, 650, 600, 500, 1300, 1299)] + [b"y" * 100] * 70
-    batches = vacquery.gso_batches(replies)
+    batches = vq_responder.gso_batches(replies)
     assert sorted(sum(batches, []), key=len) == sorted(replies, key=len)
     for batch in batches:
-        assert len(batch) <= vacquery.GSO_MAX_SEGMENTS
-        assert all(len(batch[0]) - len(reply) <= vacquery.GSO_MAX_PADDING for reply in batch)
+        assert len(batch) <= vq_responder.GSO_MAX_SEGMENTS
+        assert all(len(batch[0]) - len(reply) <= vq_responder.GSO_MAX_PADDING for reply in batch)
     assert [len(batch) for batch in batches] == [2, 2, 1, 1, 64, 6]
 
 
@@ -575,8 +580,8 @@ def test_padded_signed_datagrams_still_verify():
 
 
 def make_run(kind=vacquery.MACHINETYPES, authenticator=None):
-    targets = [vacquery._Target(PEER.name, 995, PEER.address)]
-    return vacquery._QueryRun(make_settings(), kind, targets, SPACE, "vac-command",
+    targets = [vq_client._Target(PEER.name, 995, PEER.address)]
+    return vq_client._QueryRun(make_settings(), kind, targets, SPACE, "vac-command",
                               authenticator or vacquery.Authenticator(None), Clock())
 
 
@@ -650,7 +655,7 @@ def test_peer_cache_rotates_batches_replaces_complete_answers_and_ages_out(monke
         return vacquery.QueryResult(kind, reports, answered, [n for n in names if n not in answers], [],
                                     [], {}, {}, 0.0)
 
-    monkeypatch.setattr(vacquery, "query", fake_query)
+    monkeypatch.setattr(vq_client, "query", fake_query)
     clock = Clock()
     cache = vacquery.PeerReportCache(settings_, 30, batch_size=2, clock=clock)
     for peer in peers:
@@ -725,7 +730,7 @@ def test_machines_table(golden):
     empty = vacquery.MachineStatus.empty_slot(PEER.name, "factory2-01.example.ac.uk")
     result = table_result([MACHINE, SHUT_DOWN, starting, hostile, empty], vacquery.MACHINES,
                           silent=["factory9.example.ac.uk", "nodns.example.ac.uk"])
-    text = vacquery.render_machines(result, NOW)
+    text = tables.render_machines(result, NOW)
     assert "\x1b" not in text and "\x07" not in text
     golden("vacquery/machines_table.txt", text)
 
@@ -737,8 +742,8 @@ def test_machinetypes_table_and_single_machinetype(golden):
                                 running_processors=0, num_before_fizzle=0)
     result = table_result([REPORT, other, peer_report], vacquery.MACHINETYPES,
                           incomplete=[PEER.name])
-    golden("vacquery/machinetypes_table.txt", vacquery.render_machinetypes(result, NOW))
-    only = vacquery.render_machinetypes(result, NOW, "atlas")
+    golden("vacquery/machinetypes_table.txt", tables.render_machinetypes(result, NOW))
+    only = tables.render_machinetypes(result, NOW, "atlas")
     assert "lhcb" not in only and "machinetype atlas on 2 factories" in only
 
 
@@ -746,35 +751,35 @@ def test_factories_table(golden):
     classic = vacquery.FactoryStatus(factory=PEER.name, running_processors=0, max_processors=8,
                                      max_hs06=80.0, version="03.01")
     result = table_result([FACTORY_STATUS, classic], vacquery.FACTORY, silent=["factory3.example.ac.uk"])
-    golden("vacquery/factories_table.txt", vacquery.render_factories(result, NOW))
+    golden("vacquery/factories_table.txt", tables.render_factories(result, NOW))
 
 
 def test_find_machine_by_name_short_name_or_uuid():
     reports = [MACHINE, SHUT_DOWN]
-    assert vacquery.find_machine(reports, "factory1-03.example.ac.uk") == [MACHINE]
-    assert vacquery.find_machine(reports, "factory1-03") == [MACHINE]
-    assert vacquery.find_machine(reports, MACHINE.uuid) == [MACHINE]
-    assert vacquery.find_machine(reports, "factory1-99") == []
+    assert ssh.find_machine(reports, "factory1-03.example.ac.uk") == [MACHINE]
+    assert ssh.find_machine(reports, "factory1-03") == [MACHINE]
+    assert ssh.find_machine(reports, MACHINE.uuid) == [MACHINE]
+    assert ssh.find_machine(reports, "factory1-99") == []
 
 
 def test_ssh_argv_on_the_machines_own_factory():
-    argv = vacquery.ssh_argv(MACHINE, make_settings(root_public_key="/root/.ssh/id_ed25519.pub"))
+    argv = ssh.ssh_argv(MACHINE, make_settings(root_public_key="/root/.ssh/id_ed25519.pub"))
     assert argv[:3] == ["ssh", "-i", "/root/.ssh/id_ed25519"]
     assert "-J" not in argv and argv[-1] == "root@169.254.169.3"
 
 
 def test_ssh_argv_jumps_through_another_factory_and_passes_the_command():
     machine = dataclasses.replace(MACHINE, factory=PEER.name, machine="factory2-12.example.ac.uk")
-    argv = vacquery.ssh_argv(machine, make_settings(), ["uptime", "-p"])
+    argv = ssh.ssh_argv(machine, make_settings(), ["uptime", "-p"])
     assert argv[argv.index("-J") + 1] == PEER.address
     assert argv[-3:] == ["root@169.254.169.12", "uptime", "-p"]
     unlisted = dataclasses.replace(machine, factory="elsewhere.example.ac.uk")
-    argv = vacquery.ssh_argv(unlisted, make_settings())
+    argv = ssh.ssh_argv(unlisted, make_settings())
     assert argv[argv.index("-J") + 1] == "elsewhere.example.ac.uk"
 
 
 def test_ssh_argv_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="does not end in .pub"):
-        vacquery.ssh_argv(MACHINE, make_settings(root_public_key="/root/key"))
+        ssh.ssh_argv(MACHINE, make_settings(root_public_key="/root/key"))
     with pytest.raises(ValueError, match="not a slot name"):
-        vacquery.ssh_argv(dataclasses.replace(MACHINE, machine="weird.example.ac.uk"), make_settings())
+        ssh.ssh_argv(dataclasses.replace(MACHINE, machine="weird.example.ac.uk"), make_settings())

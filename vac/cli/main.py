@@ -294,11 +294,11 @@ def _print_status(args: argparse.Namespace, result, table: str) -> int:
     """The table (or with --json the raw messages, problems on stderr); 1 unless all answered."""
     import json
 
-    from vac.services import vacquery
+    from vac.cli.tables import problem_lines
 
     if args.json:
         print(json.dumps(result.messages, indent=2))
-        for line in vacquery.problem_lines(result):
+        for line in problem_lines(result):
             print(f"vac {args.command}: {line}", file=sys.stderr)
     else:
         sys.stdout.write(table)
@@ -309,18 +309,20 @@ def cmd_machines(args: argparse.Namespace) -> int:
     """One line per slot of every factory (or of the factories named)."""
     import time
 
+    from vac.cli import tables
     from vac.services import vacquery
 
     done = _vacquery(args, vacquery.MACHINES)
     if done is None:
         return 1
-    return _print_status(args, done[1], vacquery.render_machines(done[1], time.time()))
+    return _print_status(args, done[1], tables.render_machines(done[1], time.time()))
 
 
 def cmd_machinetypes(args: argparse.Namespace) -> int:
     """Per factory and machinetype: machines, processors, HS06, last shutdown; then totals."""
     import time
 
+    from vac.cli import tables
     from vac.services import vacquery
 
     done = _vacquery(args, vacquery.MACHINETYPES)
@@ -330,33 +332,35 @@ def cmd_machinetypes(args: argparse.Namespace) -> int:
     wanted = getattr(args, "machinetype", None)
     if wanted is not None:
         result.messages = [message for message in result.messages if message.get("machinetype") == wanted]
-    return _print_status(args, result, vacquery.render_machinetypes(result, time.time(), wanted))
+    return _print_status(args, result, tables.render_machinetypes(result, time.time(), wanted))
 
 
 def cmd_factories(args: argparse.Namespace) -> int:
     """One line per factory: processors, machines, HS06, load, disk, memory, version."""
     import time
 
+    from vac.cli import tables
     from vac.services import vacquery
 
     done = _vacquery(args, vacquery.FACTORY)
     if done is None:
         return 1
-    return _print_status(args, done[1], vacquery.render_factories(done[1], time.time()))
+    return _print_status(args, done[1], tables.render_factories(done[1], time.time()))
 
 
 def cmd_ssh(args: argparse.Namespace) -> int:
     """Find MACHINE in the space and replace this process with ssh to it as root."""
     import os
 
+    from vac.cli import ssh, tables
     from vac.services import vacquery
 
     done = _vacquery(args, vacquery.MACHINES)
     if done is None:
         return 1
     settings, result = done
-    found = vacquery.find_machine(result.reports, args.machine)
-    live = [machine for machine in found if machine.state in vacquery.LIVE_STATES]
+    found = ssh.find_machine(result.reports, args.machine)
+    live = [machine for machine in found if machine.state in tables.LIVE_STATES]
     if len(live) != 1:
         if len(live) > 1:
             why = "is ambiguous: " + ", ".join(f"{m.machine} on {m.factory}" for m in live)
@@ -365,11 +369,11 @@ def cmd_ssh(args: argparse.Namespace) -> int:
         else:
             why = "was not found"
         print(f"vac ssh: {args.machine} {why}", file=sys.stderr)
-        for line in vacquery.problem_lines(result):
+        for line in tables.problem_lines(result):
             print(f"vac ssh: {line}", file=sys.stderr)
         return 1
     try:
-        argv = vacquery.ssh_argv(live[0], settings, args.remote_command)
+        argv = ssh.ssh_argv(live[0], settings, args.remote_command)
         sys.stdout.flush()
         os.execvp(argv[0], argv)
     except (ValueError, OSError) as error:
