@@ -29,6 +29,7 @@ from vac.cli.main import add_config_arguments
 from vac.core import config as configmod
 from vac.core import scheduler
 from vac.core.model import Finish, Machine, MachineState, slot_name
+from vac.core.reload import RestartNotices
 from vac.daemon.machines import MachineWorks
 from vac.ops.hostinfo import factory_facts, read_host_facts
 from vac.records.store import Store, StoreError
@@ -136,6 +137,7 @@ class Factory:
         self.last_in_slot: dict[int, Machine] = {}  # finished machines, for VacQuery
         self.host_status: dict = {}
         self.peer_cache = None
+        self.restart_notices = RestartNotices()  # reloaded settings that wait for a restart
         self.executor = concurrent.futures.ThreadPoolExecutor(EXECUTOR_THREADS, "vacd-io")
 
     # -- configuration -------------------------------------------------------------------------
@@ -150,17 +152,23 @@ class Factory:
                 return False
             log.error("configuration has errors: keeping the previous configuration")
             return True
+        if self.config is not None:
+            config, lines = self.restart_notices.review(self.config.settings, config)
+            for line in lines:
+                log.warning("%s", line)
         config = self.expand_pipes(config)
-        if self.config is not None and config.settings.state_dir != self.config.settings.state_dir:
-            log.error("state_dir cannot change while vacd runs: restart vacd to use %s",
-                      config.settings.state_dir)
-            config = config.replace(settings=dataclasses.replace(
-                config.settings, state_dir=self.config.settings.state_dir))
         self.config = config
-        for user in (self.responder, self.peer_cache):
-            if user is not None:
-                user.settings = config.settings
+        self.apply_settings(config.settings)
         return True
+
+    def apply_settings(self, settings: configmod.Settings) -> None:
+        """Hand reloaded settings to the parts that keep their own copy."""
+        if self.works is not None:
+            self.works.settings = settings
+        if self.responder is not None:
+            secret = vacquery.reload_secret(settings, self.responder.authenticator.secret)
+            self.responder.reconfigure(settings, secret)
+            self.peer_cache.reconfigure(settings, secret)
 
     def expand_pipes(self, config: configmod.Config) -> configmod.Config:
         if not config.vacuum_pipes:
