@@ -41,6 +41,7 @@ METADATA_HOST = "127.0.0.2"
 MJF_HOST = "127.0.0.3"
 STRANGER = "127.0.0.5"  # not a slot address at all
 EMPTY_SLOT = "127.0.0.14"  # slot 4: a slot address with no machine in it
+SLOTS = 8  # the slot count the services size their shares for
 CREATED = 1_700_000_000
 KEY = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 root@factory"
 
@@ -226,7 +227,8 @@ class Running:
         self.thread.start()
         self.services = self.call(metadata.start_services(
             self.settings, self.contexts.get, metadata_address=METADATA_HOST,
-            mjf_address=MJF_HOST, port=0, slot_for_address=loopback_slot, limits=limits))
+            mjf_address=MJF_HOST, port=0, slot_for_address=loopback_slot, limits=limits,
+            slots=SLOTS))
 
     def call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)

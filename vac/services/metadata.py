@@ -22,8 +22,20 @@ MJF service:
   ``/machinefeatures/KEY``, ``/jobfeatures/KEY``: the value, 404 if absent. ``/joboutputs``: 403.
 * PUT ``/joboutputs/NAME`` stores the body atomically; 201 on success. NAME must match
   ``JOBOUTPUT_NAME``; a Content-Length is required (411), bodies are capped per file and per
-  machine (413), as is the number of files (403). Extension: POST is accepted with the same
-  rules, because busybox ``wget --post-data`` cannot PUT.
+  machine (413), as is the number of files (403); a second upload of a name still being
+  received gets 409. Extension: POST is accepted with the same rules, because busybox
+  ``wget --post-data`` cannot PUT.
+
+Fairness: no machine can cost another a request. vacd accepts connections with its own loop
+(``_Listener``): a machine holds at most ``connections_per_machine`` connections to the two
+services together (every address outside the slot plan shares one such share), sized at start so
+that every slot's share fits in the descriptor limit (``fair_limits``); a connection over the
+share is reset as it is accepted, before anything is read. Uploads being received are capped per
+machine (``upload_share_bytes``: one largest file plus room for heartbeats), so the memory they
+can hold is bounded by the slot count and one machine's uploads never delay another's (503 with
+``Retry-After`` for the machine over its share). When descriptors run out all the same, accepting
+pauses with a growing back-off and one rate-limited log line, where asyncio's own accept loop logs
+a traceback for every pending connection and keeps retrying.
 
 The pure helpers ``mjf_features``, ``write_mjf`` and ``lower_deadline_files`` produce and update
 the MJF files the service reads (REFERENCE.md §4.1).
@@ -33,10 +45,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
+import resource
+import socket
+import struct
 import time
 import urllib.parse
 from pathlib import Path
@@ -65,6 +81,19 @@ EC2_KEY_NAME = "root"  # the name shown for key 0 in the EC2 public-keys/ listin
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # user_data and MJF values larger than this are a bug
 CLIENT_GONE = 499  # logged (nginx's convention) when a client leaves before the answer
 LINGER_SECONDS = 2.0  # after an early refusal, discard what the client still sends this long
+# Room beside one largest joboutput in a machine's upload share: heartbeats and messages are tiny.
+SMALL_UPLOADS_BYTES = 64 * 1024
+# Descriptors kept out of the machines' connection shares, for everything else vacd opens
+# (libvirt, VacQuery, state and log files, executor threads writing files): at least this many,
+# and a quarter of the limit when it is larger.
+RESERVED_DESCRIPTORS = 64
+LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (capped by somaxconn)
+ACCEPT_BATCH = 64  # connections accepted per turn of the event loop before others get theirs
+ACCEPT_PAUSE_SECONDS = (0.05, 2.0)  # back-off when accepting fails, from, to (doubling)
+EVENT_LOG_SECONDS = 10.0  # at most one refusal / out-of-descriptors line this often per cause
+# accept() failures that concern only the one connection: try the next at once
+ACCEPT_TRANSIENT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EAGAIN, errno.EPROTO,
+                              errno.EPERM))
 
 Resolver = Callable[[int], Optional["MachineContext"]]
 SlotForAddress = Callable[[str], Optional[int]]
@@ -85,7 +114,9 @@ class Limits:
     joboutput_file_bytes: int = 1024 * 1024
     joboutputs_total_bytes: int = 10 * 1024 * 1024  # per machine, all files together
     joboutputs_max_files: int = 100  # per machine
-    uploads_in_flight_bytes: int = 64 * 1024 * 1024  # all machines: bounds buffered bodies
+    # Open connections per machine to both services together; start_services lowers it so that
+    # every slot's share fits in the descriptor limit (fair_limits).
+    connections_per_machine: int = 64
     body_timeout_seconds: float = 30.0  # whole body of one PUT
     idle_timeout_seconds: float = 15.0  # connection without a complete request (slowloris)
     log_burst: int = 30  # request log lines per source before rate limiting starts
@@ -93,6 +124,36 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def upload_share_bytes(limits: Limits) -> int:
+    """Bytes of upload bodies one machine may have in flight: a file of the largest size
+    allowed and room for small ones beside it. Bodies are held in memory until written, so all
+    machines together hold at most the slot count times this."""
+    return limits.joboutput_file_bytes + SMALL_UPLOADS_BYTES
+
+
+def reserved_descriptors(descriptors: int) -> int:
+    """Descriptors left for vacd's own use out of a limit of ``descriptors``."""
+    return max(RESERVED_DESCRIPTORS, descriptors // 4)
+
+
+def fair_limits(limits: Limits, slots: int, descriptors: int) -> Limits:
+    """``limits`` with ``connections_per_machine`` lowered, if need be, so that ``slots``
+    machines and the share of all unattributed addresses fit in ``descriptors`` (the open file
+    limit) beside vacd's reserve. Each share is at least one connection: if even that does not
+    fit, ``shares_fit`` says so and vacd warns."""
+    if slots < 1:
+        raise ValueError(f"the slot count must be positive, not {slots}")
+    room = descriptors - reserved_descriptors(descriptors)
+    share = max(1, min(limits.connections_per_machine, room // (slots + 1)))
+    return dataclasses.replace(limits, connections_per_machine=share)
+
+
+def shares_fit(limits: Limits, slots: int, descriptors: int) -> bool:
+    """Whether every share of ``limits`` and vacd's reserve fit in ``descriptors``."""
+    return ((slots + 1) * limits.connections_per_machine
+            + reserved_descriptors(descriptors) <= descriptors)
 
 # ---------------------------------------------------------------------------------------------
 # MJF files (REFERENCE.md §4.1)
@@ -426,7 +487,7 @@ class _Service:
                 return web.Response(status=CLIENT_GONE)
             except OSError as error:  # the machine's files: unreadable, too big, disk trouble
                 problem = f": {error}"
-                response = _status(500, "this machine's data cannot be read")
+                response = _status(500, "this machine's files cannot be used")
             status = response.status
             return response
         finally:
@@ -525,10 +586,9 @@ class MjfService(_Service):
 
     def __init__(self, resolve: Resolver, slot_for_address: SlotForAddress, limits: Limits):
         super().__init__(resolve, slot_for_address, limits)
-        # Bytes and files of uploads being received, per joboutputs directory and in total,
-        # so that concurrent PUTs cannot together exceed the caps.
-        self._pending: dict[Path, list[int]] = {}
-        self._pending_bytes = 0
+        # Uploads being received, per joboutputs directory: name -> Content-Length, so that
+        # concurrent PUTs cannot together exceed the caps or the machine's upload share.
+        self._pending: dict[Path, dict[str, int]] = {}
 
     async def handle(self, request: web.Request, context: Optional[MachineContext]
                      ) -> web.StreamResponse:
@@ -575,21 +635,25 @@ class MjfService(_Service):
         if length > limits.joboutput_file_bytes:
             return _status(413, f"joboutput larger than {limits.joboutput_file_bytes} bytes")
         directory = context.directory / "joboutputs"
-        try:
-            directory.mkdir(mode=0o755, exist_ok=True)
-            used_bytes, used_files = _usage(directory, excluding=name)
-        except OSError as error:
-            log.error("mjf: cannot use %s: %s", directory, error)
-            return _status(500, "joboutputs directory unusable")
-        pending_bytes, pending_files = self._pending.get(directory, (0, 0))
+        pending = self._pending.get(directory, {})
+        if name in pending:  # one winner: the upload already under way
+            return web.Response(status=409, text=f"409 {name} is already being uploaded\n",
+                                headers={"Retry-After": "1"})
+        # An OSError here (disk trouble, the machine's directory removed as it finishes) is
+        # answered 500 and logged, rate-limited, by _entry.
+        directory.mkdir(mode=0o755, exist_ok=True)
+        used_bytes, used_files = _usage(directory, excluding=name)
+        pending_bytes = sum(pending.values())
         if used_bytes + pending_bytes + length > limits.joboutputs_total_bytes:
             return _status(413, f"joboutputs of this machine would exceed "
                                f"{limits.joboutputs_total_bytes} bytes")
-        if used_files + pending_files >= limits.joboutputs_max_files:
+        if used_files + len(pending) >= limits.joboutputs_max_files:
             return _status(403, f"this machine already has {limits.joboutputs_max_files} "
                                f"joboutputs")
-        if self._pending_bytes + length > limits.uploads_in_flight_bytes:
-            return web.Response(status=503, text="503 too many uploads at once\n",
+        share = upload_share_bytes(limits)
+        if pending_bytes + length > share:
+            return web.Response(status=503, text=f"503 this machine already has "
+                                f"{pending_bytes} bytes of uploads under way (at most {share})\n",
                                 headers={"Retry-After": "5"})
         return directory, name, length
 
@@ -599,10 +663,8 @@ class MjfService(_Service):
         if isinstance(verdict, web.Response):
             return verdict
         directory, name, length = verdict
-        pending = self._pending.setdefault(directory, [0, 0])
-        pending[0] += length
-        pending[1] += 1
-        self._pending_bytes += length
+        pending = self._pending.setdefault(directory, {})
+        pending[name] = length
         try:
             if request.headers.get("Expect"):
                 # As aiohttp's default expect handler does, but only once the checks passed.
@@ -619,10 +681,8 @@ class MjfService(_Service):
             await asyncio.shield(asyncio.get_running_loop().run_in_executor(
                 None, atomic_write, directory / name, bytes(body), 0o644))
         finally:
-            pending[0] -= length
-            pending[1] -= 1
-            self._pending_bytes -= length
-            if pending == [0, 0]:
+            del pending[name]
+            if not pending:
                 self._pending.pop(directory, None)
         return _status(201, "Created")
 
@@ -657,11 +717,22 @@ def _mjf_listing(directory: Path) -> str:
 
 
 def _usage(directory: Path, excluding: str) -> tuple[int, int]:
-    """Bytes and number of files in ``directory``, not counting ``excluding`` (being replaced)."""
+    """Bytes and number of files in ``directory``, not counting ``excluding`` (being replaced).
+
+    Hidden names are the temporary files of uploads being written, already counted as pending;
+    a file that vanishes between listing and ``stat`` (renamed over, or the machine finishing)
+    no longer counts.
+    """
     total = files = 0
-    for entry in os.scandir(directory):
-        if entry.name != excluding and entry.is_file(follow_symlinks=False):
-            total += entry.stat(follow_symlinks=False).st_size
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name == excluding or entry.name.startswith(".") \
+                    or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
             files += 1
     return total, files
 
@@ -685,44 +756,225 @@ def base_url(address: str, port: int) -> str:
     return f"http://{host}" if port == 80 else f"http://{host}:{port}"
 
 
+# ---------------------------------------------------------------------------------------------
+# Connections: shares per machine and vac's own accept loop
+
+
+class ConnectionShares:
+    """Open connections per machine: the slot of the source address, or one share for every
+    address outside the slot plan together."""
+
+    def __init__(self, per_machine: int, slot_for_address: SlotForAddress):
+        self.per_machine = per_machine
+        self.slot_for_address = slot_for_address
+        self.open: dict[Optional[int], int] = {}
+
+    def take(self, address: str) -> tuple[Optional[int], bool]:
+        """(the share's key, whether a connection from ``address`` fits in it and was counted)."""
+        key = self.slot_for_address(address)
+        held = self.open.get(key, 0)
+        if held >= self.per_machine:
+            return key, False
+        self.open[key] = held + 1
+        return key, True
+
+    def give_back(self, key: Optional[int]) -> None:
+        held = self.open[key] - 1
+        if held:
+            self.open[key] = held
+        else:
+            del self.open[key]
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, which gives its share back when it ends."""
+
+    def __init__(self, inner: asyncio.Protocol, give_back: Callable[[], None]):
+        self.inner = inner
+        self._give_back: Optional[Callable[[], None]] = give_back
+
+    def release(self) -> None:
+        """Give the share back, once."""
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> Optional[bool]:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.release()
+        self.inner.connection_lost(exc)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with a TCP reset: no TIME_WAIT left here, and the client learns at once."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        conn.close()
+
+
+class _Listener:
+    """One service's listening socket, with vac's own accept loop instead of
+    ``loop.create_server``.
+
+    A connection over its machine's share is reset as it is accepted. When accept() fails for
+    want of descriptors or memory, accepting pauses (doubling from 50 ms to 2 s) with at most one
+    log line every ``EVENT_LOG_SECONDS``: asyncio's loop instead logs the error with a traceback
+    for each of up to ``backlog`` queued connections and schedules as many retries (CPython
+    ``BaseSelectorEventLoop._accept_connection`` keeps looping after EMFILE), which grew a log by
+    100 MB in 30 s.
+    """
+
+    def __init__(self, name: str, runner: web.AppRunner, sock: socket.socket,
+                 shares: ConnectionShares, events: LogLimiter):
+        self.name = name
+        self.runner = runner
+        self.sock = sock
+        self.shares = shares
+        self.events = events
+        self._connecting: set[asyncio.Task] = set()
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop accepting, then close every connection (aiohttp answers those mid-request)."""
+        self._task.cancel()
+        for task in list(self._connecting):
+            task.cancel()
+        await asyncio.gather(self._task, *self._connecting, return_exceptions=True)
+        self.sock.close()
+        await self.runner.cleanup()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        pause = ACCEPT_PAUSE_SECONDS[0]
+        while True:
+            # A batch, then the rest of the loop's work: a flood of connections must not keep
+            # the machines already connected from being answered.
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, peer = await loop.sock_accept(self.sock)
+                except OSError as error:
+                    if error.errno in ACCEPT_TRANSIENT:
+                        continue
+                    self._log_event("accept", "%s: cannot accept connections: %s; pausing "
+                                    "%.2f s", self.name, error.strerror or error, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, ACCEPT_PAUSE_SECONDS[1])
+                    break
+                pause = ACCEPT_PAUSE_SECONDS[0]
+                self._adopt(conn, peer[0])
+            await asyncio.sleep(0)
+
+    def _adopt(self, conn: socket.socket, address: str) -> None:
+        key, admitted = self.shares.take(address)
+        if not admitted:
+            _reset(conn)
+            who = f"slot {key} ({address})" if key is not None else \
+                f"addresses outside the slot plan ({address})"
+            self._log_event(f"share {key}", "%s: %s already holds its %d connections; "
+                            "refusing more", self.name, who, self.shares.per_machine)
+            return
+        task = asyncio.get_running_loop().create_task(self._connect(conn, key))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, conn: socket.socket, key: Optional[int]) -> None:
+        holder: Optional[_Counted] = None
+
+        def protocol() -> _Counted:
+            nonlocal holder
+            holder = _Counted(self.runner.server(), lambda: self.shares.give_back(key))
+            return holder
+
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(protocol, conn)
+        except BaseException as error:
+            # Without a protocol the socket is still ours to close; with one, asyncio closes
+            # the transport. Either way the share is given back exactly once.
+            if holder is None:
+                conn.close()
+                self.shares.give_back(key)
+            else:
+                holder.release()
+            if not isinstance(error, Exception):
+                raise
+            self._log_event("connect", "%s: cannot set up a connection: %s", self.name, error)
+
+    def _log_event(self, cause: str, message: str, *args: object) -> None:
+        dropped = self.events.admit(cause)
+        if dropped is not None:
+            note = f" ({dropped} more since the last such line)" if dropped else ""
+            log.warning(message + "%s", *args, note)
+
+
+def _listening_socket(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.create_server((address, port), family=family, backlog=LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
 @dataclasses.dataclass
 class Services:
     """The two running services; ``close()`` stops them and their connections."""
 
     metadata_url: str
     mjf_url: str
-    runners: list
+    listeners: list
+    limits: Limits  # as sized for the slot count and descriptor limit
 
     async def close(self) -> None:
-        for runner in self.runners:
-            await runner.cleanup()
-        self.runners = []
+        for listener in self.listeners:
+            await listener.close()
+        self.listeners = []
 
 
-async def _serve(app: web.Application, address: str, port: int, limits: Limits
-                 ) -> web.AppRunner:
+async def _serve(name: str, app: web.Application, address: str, port: int, limits: Limits,
+                 shares: ConnectionShares, events: LogLimiter) -> _Listener:
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=limits.idle_timeout_seconds,
                            lingering_time=LINGER_SECONDS, handler_cancellation=True,
                            logger=http_log, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, address, port, backlog=256, reuse_address=True).start()
+        sock = _listening_socket(address, port)
     except BaseException:
         await runner.cleanup()
         raise
-    return runner
+    return _Listener(name, runner, sock, shares, events)
 
 
 async def start_services(settings: Settings, resolve: Resolver, *,
                          metadata_address: Optional[str] = None,
                          mjf_address: Optional[str] = None, port: Optional[int] = None,
                          slot_for_address: SlotForAddress = slot_for_ip,
-                         limits: Limits = DEFAULT_LIMITS) -> Services:
+                         limits: Limits = DEFAULT_LIMITS, slots: Optional[int] = None,
+                         descriptors: Optional[int] = None) -> Services:
     """Bind and start both services (defaults: the settings' addresses and ``http_port``).
 
-    Raises OSError if an address cannot be bound (e.g. not yet configured on the bridge); the
-    caller retries. Port 0 picks free ports, and the metadata ``meta`` URLs follow the MJF one.
+    Each machine's share of connections is sized for ``slots`` (default: the settings'
+    ``total_processors``, which the configuration loader fills in) and ``descriptors`` (default:
+    this process's open file limit). Raises OSError if an address cannot be bound (e.g. not yet
+    configured on the bridge); the caller retries. Port 0 picks free ports, and the metadata
+    ``meta`` URLs follow the MJF one.
     """
     metadata_address = metadata_address or settings.metadata_address
     mjf_address = mjf_address or settings.mjf_address
@@ -730,19 +982,36 @@ async def start_services(settings: Settings, resolve: Resolver, *,
     if metadata_address == mjf_address:
         raise ValueError(f"metadata and MJF services need different addresses, both are "
                          f"{metadata_address}")
+    slots = slots or settings.total_processors
+    if not slots:
+        raise ValueError("the slot count is needed to size each machine's share of the services")
+    if descriptors is None:
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if descriptors == resource.RLIM_INFINITY:
+            descriptors = 1 << 20
+    limits = fair_limits(limits, slots, descriptors)
+    if not shares_fit(limits, slots, descriptors):
+        log.warning("an open file limit of %d is too low for %d slots: machines may run the "
+                    "services out of descriptors (raise LimitNOFILE)", descriptors, slots)
     limiter = LogLimiter(limits.log_burst, limits.log_per_second)
     if not any(isinstance(existing, _RateLimitFilter) for existing in http_log.filters):
         http_log.addFilter(_RateLimitFilter(limiter))
-    mjf_runner = await _serve(mjf_app(resolve, slot_for_address=slot_for_address,
-                                      limits=limits), mjf_address, port, limits)
-    mjf_url = base_url(mjf_address, mjf_runner.addresses[0][1])
+    shares = ConnectionShares(limits.connections_per_machine, slot_for_address)
+    events = LogLimiter(1, 1.0 / EVENT_LOG_SECONDS)
+    mjf = await _serve("mjf", mjf_app(resolve, slot_for_address=slot_for_address,
+                                      limits=limits), mjf_address, port, limits, shares, events)
+    mjf_url = base_url(mjf_address, mjf.port)
     try:
-        metadata_runner = await _serve(
-            metadata_app(settings, resolve, mjf_url=mjf_url, slot_for_address=slot_for_address,
-                         limits=limits), metadata_address, port, limits)
+        metadata = await _serve(
+            "metadata", metadata_app(settings, resolve, mjf_url=mjf_url,
+                                     slot_for_address=slot_for_address, limits=limits),
+            metadata_address, port, limits, shares, events)
     except BaseException:
-        await mjf_runner.cleanup()
+        await mjf.close()
         raise
-    metadata_url = base_url(metadata_address, metadata_runner.addresses[0][1])
-    log.info("metadata service on %s, MJF service on %s", metadata_url, mjf_url)
-    return Services(metadata_url, mjf_url, [metadata_runner, mjf_runner])
+    metadata_url = base_url(metadata_address, metadata.port)
+    log.info("metadata service on %s, MJF service on %s; each of %d slots may hold %d "
+             "connections and %d bytes of uploads in flight (open file limit %d)", metadata_url,
+             mjf_url, slots, limits.connections_per_machine, upload_share_bytes(limits),
+             descriptors)
+    return Services(metadata_url, mjf_url, [metadata, mjf], limits)
