@@ -794,6 +794,10 @@ def main(argv: Optional[list] = None) -> int:
         except DaemonizeError as error:
             print(f"vacd: {error}", file=sys.stderr)
             return 1
+    from vac.ops.limits import raise_descriptor_limit
+
+    nofile = raise_descriptor_limit()  # every VM connection is a descriptor (vacd(8) FAIRNESS)
+    log.log(logging.WARNING if nofile.error else logging.INFO, "%s", nofile.describe())
     try:
         asyncio.run(serve(paths))
     except StartupError as error:
