@@ -27,10 +27,16 @@ setup(
         "pyOpenSSL",
         "python-daemon",
         "aiohttp>=3.9",  # handler_cancellation and BaseRunner shutdown_timeout (vac.services.metadata)
+        "prometheus_client",  # the metrics endpoint (vac.ops.metrics): packaged on EL9 and Debian
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff", "matplotlib"],
+        "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff", "matplotlib",
+                 # vcycle's cloud tier: moto's EC2 server; openstacksdk proves the OpenStack
+                 # emulator, built on keystoneauth1's token fixtures (which need fixtures)
+                 "moto[server]", "openstacksdk", "fixtures"],
         "plots": ["matplotlib"],
+        # vcycle: OpenStack through keystoneauth1, EC2 through boto3
+        "cloud": ["keystoneauth1", "boto3"],
     },
     entry_points={
         "console_scripts": [

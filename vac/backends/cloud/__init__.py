@@ -1,0 +1,1 @@
+"""Cloud backends for vcycle: OpenStack (keystoneauth1) and EC2 (boto3), one space each."""

@@ -1,0 +1,249 @@
+"""EC2 machines through boto3 (any EC2-compatible endpoint: AWS, OpenStack's EC2 API, moto).
+
+boto3 signs (SigV4), retries throttled calls, paginates and parses; here every answer is still
+checked, because an EC2-compatible cloud is not AWS.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from vac.backends.base import BackendError
+from vac.backends.cloud.common import (
+    CloudError,
+    CloudMachine,
+    Quota,
+    field,
+    read_public_key,
+    tls_verify,
+)
+from vac.core import cloud
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
+from vac.core.vcycleconfig import Space
+
+log = logging.getLogger(__name__)
+
+MAX_USER_DATA_BYTES = 16 * 1024  # EC2's limit, before base64
+MAX_PAGES = 1000
+_TAG_NAME = "Name"  # the tag the EC2 console shows; classic Vcycle used "name"
+
+
+class EC2Backend:
+    """One space's EC2 account and region. Implements vac.backends.base.MachineBackend."""
+
+    kind = "cloud"
+
+    def __init__(self, space: Space, *, timeout: float = 90.0, retries: int = 3) -> None:
+        self.space = space
+        self._timeout = timeout
+        self._retries = retries
+        self._client: Any = None
+        self._instances: dict[str, str] = {}  # machine uuid -> instance id
+        self._vcpus: dict[str, Optional[int]] = {}  # instance type -> vCPUs (None: unknown)
+        self._key_names: dict[str, str] = {}
+
+    def connect(self) -> None:
+        space = self.space
+        config = botocore.config.Config(
+            connect_timeout=self._timeout, read_timeout=self._timeout,
+            retries={"max_attempts": self._retries, "mode": "standard"},
+            user_agent_extra="vcycle")
+        try:
+            self._client = boto3.session.Session().client(
+                "ec2", endpoint_url=space.url, region_name=space.region or "us-east-1",
+                aws_access_key_id=space.access_key, aws_secret_access_key=space.secret_key,
+                verify=tls_verify(space), config=config)
+        except (botocore.exceptions.BotoCoreError, ValueError) as error:
+            raise BackendError(f"space {space.name}: EC2 at {space.url}: {error}") from None
+        self._vcpus = {}
+
+    def close(self) -> None:
+        self._client = None
+
+    def _call(self, operation: str, what: str, **parameters: Any) -> dict:
+        if self._client is None:
+            raise BackendError(f"space {self.space.name}: not connected")
+        try:
+            answer = getattr(self._client, operation)(**parameters)
+        except botocore.exceptions.ClientError as error:
+            detail = error.response.get("Error", {})
+            code = str(detail.get("Code", "?"))
+            raise CloudError(f"space {self.space.name}: {what}: {code}: {detail.get('Message', '')}",
+                             code) from None
+        except botocore.exceptions.BotoCoreError as error:
+            raise BackendError(f"space {self.space.name}: {what}: {error}") from None
+        if not isinstance(answer, dict):
+            raise BackendError(f"space {self.space.name}: {what}: unexpected answer")
+        return answer
+
+    # --- listing ---------------------------------------------------------------------------
+
+    def list_machines(self) -> list[CloudMachine]:
+        """Every vcycle instance of this space that is not yet terminated."""
+        what = "DescribeInstances"
+        machines = []
+        parameters: dict[str, Any] = {"MaxResults": 1000}
+        for _ in range(MAX_PAGES):
+            answer = self._call("describe_instances", what, **parameters)
+            # An empty account may omit the list altogether (classic Vcycle crashed on that).
+            for reservation in field(answer, "Reservations", list, what, optional=True) or []:
+                for item in field(reservation, "Instances", list, what, optional=True) or []:
+                    machine = self._machine_of(item, what)
+                    if machine is not None:
+                        machines.append(machine)
+            token = answer.get("NextToken")
+            if not token:
+                break
+            parameters["NextToken"] = token
+        else:
+            raise BackendError(f"space {self.space.name}: {what}: more than {MAX_PAGES} pages")
+        self._instances = {machine.uuid: machine.cloud_id for machine in machines}
+        return machines
+
+    def _machine_of(self, item: Any, what: str) -> Optional[CloudMachine]:
+        instance_id = field(item, "InstanceId", str, what)
+        what = f"{what}: instance {instance_id}"
+        tags = {}
+        for tag in field(item, "Tags", list, what, optional=True) or []:
+            tags[field(tag, "Key", str, what)] = field(tag, "Value", str, what)
+        name = tags.get(_TAG_NAME) or tags.get(cloud.META_NAME)
+        if not name or not cloud.is_vcycle_name(name):
+            return None
+        space = tags.get(cloud.META_SPACE)
+        if space is not None and space != self.space.name:
+            return None
+        state_name = field(field(item, "State", dict, what), "Name", str, what)
+        if state_name == "terminated":
+            return None  # listed for an hour after it is gone
+        state = cloud.ec2_state(state_name)
+        instance_type = item.get("InstanceType")
+        return CloudMachine(
+            uuid=tags.get(cloud.META_UUID) or instance_id, name=name, active=state.active,
+            cpu_seconds=None, cloud_id=instance_id, state=state,
+            machinetype=tags.get(cloud.META_MACHINETYPE) or cloud.parse_machine_name(name),
+            processors=self._type_vcpus(instance_type) if isinstance(instance_type, str) else None,
+            created=cloud.parse_time(item.get("LaunchTime")),
+            started=cloud.parse_time(item.get("LaunchTime")) if state == cloud.CloudState.RUNNING else None,
+            address=item.get("PrivateIpAddress") if isinstance(item.get("PrivateIpAddress"), str) else None,
+            zone=_zone(item),
+        )
+
+    def _type_vcpus(self, instance_type: str) -> Optional[int]:
+        """vCPUs of an instance type (DescribeInstanceTypes, cached); None where not offered."""
+        if instance_type not in self._vcpus:
+            try:
+                answer = self._call("describe_instance_types", "DescribeInstanceTypes",
+                                    InstanceTypes=[instance_type])
+                types = field(answer, "InstanceTypes", list, "DescribeInstanceTypes")
+                info = field(types[0], "VCpuInfo", dict, "DescribeInstanceTypes") if types else {}
+                vcpus = info.get("DefaultVCpus")
+                self._vcpus[instance_type] = vcpus if isinstance(vcpus, int) and vcpus > 0 else None
+            except BackendError as error:
+                # EC2-compatible clouds often lack the call: count min_processors instead.
+                log.info("space %s: no vCPU count for %s (%s)", self.space.name, instance_type, error)
+                self._vcpus[instance_type] = None
+        return self._vcpus[instance_type]
+
+    def quota(self) -> Quota:
+        """EC2 has no core limit in its own API (vCPU limits are Service Quotas): none."""
+        return Quota(None, None)
+
+    def cpu_seconds(self, uuid: str) -> Optional[float]:
+        return None  # EC2 reports no CPU time (CloudWatch gives percentages only)
+
+    # --- creating --------------------------------------------------------------------------
+
+    def create(self, machine: Machine, machinetype: Machinetype, settings: Settings,
+               directory: Path) -> None:
+        extra = self.space.machinetypes.get(machinetype.name)
+        if extra is None:
+            raise BackendError(f"space {self.space.name}: machinetype {machinetype.name} is not configured")
+        flavors = extra.flavor_names or self.space.flavor_names
+        if not flavors:
+            raise BackendError(f"machine {machine.name}: EC2 needs flavor_names (instance types)")
+        root_image = machinetype.root_image or ""
+        if not root_image.startswith("image:"):
+            raise BackendError(f"machine {machine.name}: EC2 root_image must be image:AMI-ID, not {root_image!r}")
+        try:
+            user_data = (directory / "user_data").read_bytes()
+        except OSError as error:
+            raise BackendError(f"{directory}/user_data: {error.strerror}") from None
+        if len(user_data) > MAX_USER_DATA_BYTES:
+            raise BackendError(f"machine {machine.name}: user_data is {len(user_data)} bytes, "
+                               f"more than EC2's {MAX_USER_DATA_BYTES}")
+        tags = {_TAG_NAME: machine.name, cloud.META_NAME: machine.name,
+                cloud.META_MACHINETYPE: machinetype.name, cloud.META_UUID: machine.uuid,
+                cloud.META_SPACE: self.space.name}
+        parameters: dict[str, Any] = {
+            "ImageId": root_image[len("image:"):], "InstanceType": flavors[0],
+            "MinCount": 1, "MaxCount": 1,
+            "UserData": user_data,  # bytes: boto3 base64-encodes them as they are
+            "TagSpecifications": [{"ResourceType": "instance",
+                                   "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}],
+            # The machine's UUID makes a retried RunInstances idempotent: never two instances.
+            "ClientToken": machine.uuid,
+        }
+        if extra.root_public_key:
+            parameters["KeyName"] = self._key_pair(extra.root_public_key)
+        what = f"RunInstances for {machine.name}"
+        answer = self._call("run_instances", what, **parameters)
+        instances = field(answer, "Instances", list, what)
+        if len(instances) != 1:
+            raise BackendError(f"space {self.space.name}: {what}: {len(instances)} instances, expected 1")
+        instance_id = field(instances[0], "InstanceId", str, what)
+        self._instances[machine.uuid] = instance_id
+        log.info("space %s: created instance %s (%s) for machine %s, type %s", self.space.name,
+                 machine.name, instance_id, machine.uuid, flavors[0])
+
+    def _key_pair(self, path: str) -> str:
+        if path in self._key_names:
+            return self._key_names[path]
+        key = read_public_key(path)
+        try:
+            self._call("describe_key_pairs", "DescribeKeyPairs", KeyNames=[key.key_name])
+        except CloudError as error:
+            if error.code != "InvalidKeyPair.NotFound":
+                raise
+            self._call("import_key_pair", f"ImportKeyPair {key.key_name}", KeyName=key.key_name,
+                       PublicKeyMaterial=key.line.encode())
+        self._key_names[path] = key.key_name
+        return key.key_name
+
+    # --- stopping --------------------------------------------------------------------------
+
+    def _instance_id(self, uuid: str) -> Optional[str]:
+        if uuid not in self._instances:
+            self.list_machines()
+        return self._instances.get(uuid)
+
+    def stop(self, uuid: str) -> None:
+        instance_id = self._instance_id(uuid)
+        if instance_id is not None:
+            self._call("stop_instances", f"StopInstances {instance_id} (machine {uuid})",
+                       InstanceIds=[instance_id])
+
+    def destroy(self, uuid: str) -> None:
+        instance_id = self._instance_id(uuid)
+        if instance_id is None:
+            return
+        self._call("terminate_instances", f"TerminateInstances {instance_id} (machine {uuid})",
+                   InstanceIds=[instance_id])
+        self._instances.pop(uuid, None)
+        log.info("space %s: terminated instance %s (machine %s)", self.space.name, instance_id, uuid)
+
+    def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
+        """Nothing outside the instance."""
+
+
+def _zone(item: dict) -> Optional[str]:
+    placement = item.get("Placement")
+    if isinstance(placement, dict) and isinstance(placement.get("AvailabilityZone"), str):
+        return placement["AvailabilityZone"]
+    return None
