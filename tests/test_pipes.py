@@ -1,28 +1,18 @@
 """Vacuum pipes: expansion, precedence, hostile documents, cache, last-good-copy fallback, and
-the HTTP fetcher against real servers on 127.0.0.1."""
+the default fetcher against a real server on 127.0.0.1 (its limits are tested in test_fetch)."""
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import http.server
 import json
 import os
-import socket
-import ssl
 import stat
-import threading
-import time
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 
+from tests.localhttp import LocalHTTPServer, Route
 from vac import __version__
 from vac.content import pipes
+from vac.content.fetch import FetchError
 from vac.core.config import Config, Machinetype, Settings, VacuumPipe
 
 NOW = 1_800_000_000.0
@@ -305,7 +295,7 @@ def test_cache_seconds_has_a_floor_and_a_default(tmp_path):
 
 @pytest.mark.parametrize(
     "failure",
-    [pipes.PipeFetchError("HTTP 503 Service Unavailable from x"), OSError("network down"),
+    [FetchError(URL, "HTTP 503 Service Unavailable"), OSError("network down"),
      RuntimeError("fetcher bug"), b"<html>oops</html>"],
 )
 def test_last_good_copy_is_kept_when_a_refresh_fails(tmp_path, failure):
@@ -341,146 +331,26 @@ def test_unwritable_cache_is_reported_and_the_fresh_document_still_used(tmp_path
     assert "cannot read cache" in problems[0] and "cannot write cache" in problems[1]
 
 
-# --- the HTTP fetcher against real local servers ------------------------------------------------
+# --- the default fetcher against a real local server ---------------------------------------------
 
 
-class PipeServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.routes: dict[str, tuple[int, bytes, float]] = {}
-        self.user_agents: list[str] = []
-        super().__init__(("127.0.0.1", 0), PipeHandler)
-
-    @property
-    def base(self) -> str:
-        scheme = "https" if isinstance(self.socket, ssl.SSLSocket) else "http"
-        return f"{scheme}://127.0.0.1:{self.server_address[1]}"
-
-
-class PipeHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.server.user_agents.append(self.headers.get("User-Agent"))
-        status, body, delay = self.server.routes.get(self.path, (404, b"not found", 0.0))
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        time.sleep(delay)
-        # A "drip" route sends one byte at a time, each gap shorter than the socket timeout.
-        pieces = [body[i:i + 1] for i in range(len(body))] if self.path == "/drip" else [body]
-        with contextlib.suppress(OSError):
-            for piece in pieces:
-                self.wfile.write(piece)
-                self.wfile.flush()
-                if self.path == "/drip":
-                    time.sleep(0.1)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serving(server: PipeServer):
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+@pytest.mark.component
+def test_pipe_from_a_real_server_then_the_last_good_copy_when_it_is_gone(tmp_path):
+    server = LocalHTTPServer()
     try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.mark.component
-def test_http_fetcher_statuses_user_agent_size_and_time_limits():
-    with serving(PipeServer()) as server:
-        server.routes["/pipe"] = (200, document(GOOD_ENTRY), 0.0)
-        server.routes["/big"] = (200, b"x" * 5000, 0.0)
-        server.routes["/slow"] = (200, b"{}", 3.0)
-        fetcher = pipes.HttpFetcher(ca_dir=None, timeout=1.0, max_bytes=4096)
-        assert fetcher(server.base + "/pipe") == document(GOOD_ENTRY)
-        assert server.user_agents == [f"Vac/{__version__}"]
-        with pytest.raises(pipes.PipeFetchError, match="HTTP 404 Not Found from http://127.0.0.1"):
-            fetcher(server.base + "/missing")
-        with pytest.raises(pipes.PipeFetchError, match="more than 4096 bytes"):
-            fetcher(server.base + "/big")
-        started = time.monotonic()
-        with pytest.raises(pipes.PipeFetchError, match="cannot fetch"):
-            fetcher(server.base + "/slow")
-        assert time.monotonic() - started < 2.5
-        server.routes["/drip"] = (200, b"x" * 30, 0.0)
-        started = time.monotonic()
-        with pytest.raises(pipes.PipeFetchError, match="took more than 1 s"):
-            fetcher(server.base + "/drip")
-        assert time.monotonic() - started < 2.5
-    with pytest.raises(pipes.PipeFetchError, match="cannot fetch http://127.0.0.1"):
-        fetcher(f"http://127.0.0.1:{unused_port()}/pipe")
-
-
-@pytest.mark.component
-def test_unreachable_pipe_server_keeps_the_last_good_copy(tmp_path):
-    with serving(PipeServer()) as server:
-        server.routes["/lhcb.json"] = (200, document(GOOD_ENTRY, cache_seconds=60), 0.0)
-        url = server.base + "/lhcb.json"
+        server.routes["/lhcb.json"] = Route(body=document(GOOD_ENTRY, cache_seconds=60))
+        url = server.url("/lhcb.json")
         config = make_config(tmp_path, pipes_={"lhcb": VacuumPipe("lhcb", url, 5.0)})
-        fetcher = pipes.HttpFetcher(ca_dir=None, timeout=2.0)
-        fresh, problems = pipes.expand_pipes(config, fetcher, now=NOW)
+        fresh, problems = pipes.expand_pipes(config, now=NOW)  # the default: pipes.fetch_document
         assert problems == [] and list(fresh.machinetypes) == ["lhcb-prod"]
+        assert server.requests[0][1]["User-Agent"] == f"Vac/{__version__}"
+        server.routes["/lhcb.json"] = Route(status=404)
+        missing, problems = pipes.expand_pipes(config, now=NOW + 3600)
+        assert missing.machinetypes == fresh.machinetypes
+        assert len(problems) == 1 and f"cannot fetch {url}: HTTP 404 Not Found" in problems[0]
+    finally:
+        server.close()
     # The server is gone now: the cached copy carries on.
-    stale, problems = pipes.expand_pipes(config, fetcher, now=NOW + 3600)
+    stale, problems = pipes.expand_pipes(config, now=NOW + 7200)
     assert stale.machinetypes == fresh.machinetypes
-    assert len(problems) == 1 and "cannot fetch" in problems[0] and "still using the copy" in problems[0]
-
-
-def _issue(subject: str, key, issuer: str, issuer_key, *, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        import ipaddress
-
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-@pytest.mark.component
-def test_https_is_verified_against_the_grid_ca_directory(tmp_path):
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca = _issue("Test Grid CA", ca_key, "Test Grid CA", ca_key, ca=True)
-    certificate = _issue("127.0.0.1", server_key, "Test Grid CA", ca_key, ca=False)
-    ca_dir = tmp_path / "certificates"
-    ca_dir.mkdir()
-    (ca_dir / f"{crypto.X509.from_cryptography(ca).subject_name_hash():08x}.0").write_bytes(
-        ca.public_bytes(serialization.Encoding.PEM)
-    )
-    (tmp_path / "server.pem").write_bytes(
-        certificate.public_bytes(serialization.Encoding.PEM)
-        + server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption())
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "server.pem")
-    server = PipeServer()
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    with serving(server):
-        server.routes["/pipe"] = (200, document(GOOD_ENTRY), 0.0)
-        assert pipes.HttpFetcher(ca_dir=str(ca_dir), timeout=5.0)(server.base + "/pipe") == document(GOOD_ENTRY)
-        with pytest.raises(pipes.PipeFetchError, match="CERTIFICATE_VERIFY_FAILED"):
-            pipes.HttpFetcher(ca_dir=str(tmp_path / "absent"), timeout=5.0)(server.base + "/pipe")
+    assert len(problems) == 1 and "Connection refused" in problems[0] and "still using the copy" in problems[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_imagecache import LocalHTTPServer, Route
+from tests.localhttp import LocalHTTPServer, Route
 from vac import __version__
 from vac.content import userdata
 from vac.content.userdata import UserDataError, build_user_data, fetch_template, fetch_url
@@ -188,10 +188,10 @@ def test_remote_template_redirect(server, tmp_path):
 @pytest.mark.parametrize("route, message", [
     (Route(status=404), "cannot fetch user_data template {url}: HTTP 404 Not Found"),
     (Route(status=500), "cannot fetch user_data template {url}: HTTP 500 Internal Server Error"),
-    (Route(body=b"x" * (userdata.MAX_TEMPLATE_BYTES + 1)), "user_data template {url} is larger than 1048576 bytes"),
+    (Route(body=b"x" * (userdata.MAX_TEMPLATE_BYTES + 1)), "cannot fetch user_data template {url}: 1048577 bytes is more than the limit of 1048576"),
     (Route(body=b"\xff\xfe"), "user_data template {url} is not UTF-8 text: .*"),
     (Route(body=b"late", delay=5), "cannot fetch user_data template {url}: .*Read timed out.*"),
-    (Route(body=b"x" * 1000, stall_after=10), "cannot fetch user_data template {url}: .*timed out.*"),
+    (Route(body=b"x" * 1000, stall_after=10), "cannot fetch user_data template {url}: took more than 0.5 s"),
 ])
 def test_remote_template_failures(server, route, message):
     server.routes["/t"] = route
@@ -205,5 +205,5 @@ def test_remote_template_failures(server, route, message):
 def test_remote_template_total_time_is_capped(server):
     server.routes["/t"] = Route(body=b"x" * (512 * 1024), piece_delay=0.05)
     url = server.url("/t")
-    with pytest.raises(UserDataError, match=f"user_data template {url} took longer than 0.2 s"):
+    with pytest.raises(UserDataError, match=f"cannot fetch user_data template {url}: took more than 0.2 s"):
         fetch_url(url, timeout=0.2)

@@ -1,22 +1,20 @@
 """Root images: local paths, and http(s) URLs cached with If-Modified-Since (REFERENCE.md §6.6).
 
-``ImageCache(cache_dir, user_agent, ca_path=None, timeout=60.0, max_bytes=None,
-max_seconds=None).get(url) -> Path`` checks the URL at every call with a conditional GET:
+``ImageCache(cache_dir, user_agent=USER_AGENT, ca_path=None, timeout=60.0, max_bytes=None,
+max_seconds=3600.0).get(url) -> Path`` checks the URL at every call with a conditional GET
+through vac.content.fetch (TLS against the system and grid CAs, one User-Agent, one deadline):
 
 * 200: the body is streamed to a temporary file in the cache directory, fsynced, given the
   server's ``Last-Modified`` as its mtime (so the next ``If-Modified-Since`` is the server's own
   clock) and renamed over the cached copy: a half-written image is never used.
 * 304: the cached copy is current.
 * anything else (404, 5xx, timeouts, refused connections, TLS errors, an image over
-  ``max_bytes``): a good cached copy is kept and used, with a warning saying why; without one
-  ``ImageError`` says what failed.
+  ``max_bytes``, a download over ``max_seconds`` or silent for ``timeout``): a good cached copy
+  is kept and used, with a warning saying why; without one ``ImageError`` says what failed.
 
 Threads asking for the same URL at once share one check (per-URL lock): the daemon calls
 ``get`` from an executor. ``resolve_root_image(machinetype, cache)`` maps ``root_image`` to a
 file: an absolute path, a name under ``<machinetype_path>/files/`` or a cached URL.
-
-``http_session(user_agent, ca_path)`` is the requests session used here and for user_data
-templates: the system CA bundle plus the grid CA directory, explicit User-Agent.
 """
 
 from __future__ import annotations
@@ -24,86 +22,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import email.utils
-import functools
 import hashlib
 import logging
 import os
-import ssl
 import tempfile
 import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-import requests
-from requests.adapters import HTTPAdapter
-
-from vac import __version__
+from vac.content.fetch import USER_AGENT, Fetcher, FetchError, Reply, is_url
 from vac.core.config import Machinetype
 
 log = logging.getLogger(__name__)
 
-GRID_CA_DIR = "/etc/grid-security/certificates"
-DEFAULT_TIMEOUT = 60.0  # seconds to connect, and longest pause between bytes of a download
-MAX_REDIRECTS = 5
-CHUNK_BYTES = 1024 * 1024
+DEFAULT_TIMEOUT = 60.0  # seconds to connect, and longest silence during a download
+DEFAULT_MAX_SECONDS = 3600.0  # one download, start to end, however the server paces it
 TEMPORARY_PREFIX = ".download-"
 MAX_NAME_LENGTH = 240  # file names are at most 255 bytes
 
 
 class ImageError(Exception):
     """No usable image; the message says which and why."""
-
-
-def default_user_agent() -> str:
-    return f"Vac/{__version__}"
-
-
-def default_ca_path() -> Optional[str]:
-    """The grid CA directory if this host has one."""
-    return GRID_CA_DIR if os.path.isdir(GRID_CA_DIR) else None
-
-
-@functools.lru_cache(maxsize=8)
-def _ssl_context(ca_path: Optional[str]) -> ssl.SSLContext:
-    # The system bundle for public web servers plus the IGTF directory for grid ones
-    # (a plain requests ``verify=<dir>`` would replace the system bundle instead).
-    context = ssl.create_default_context()
-    if ca_path is not None:
-        context.load_verify_locations(capath=ca_path)
-    return context
-
-
-class _ContextAdapter(HTTPAdapter):
-    """An HTTPAdapter whose TLS connections, direct or through a proxy, use our context."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._context = context
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
-        super().init_poolmanager(*args, **kwargs)
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-        kwargs["ssl_context"] = self._context
-        return super().proxy_manager_for(proxy, **kwargs)
-
-
-def http_session(user_agent: str, ca_path: Optional[str] = None) -> requests.Session:
-    """A session that verifies TLS against the system CAs and ``ca_path`` (hashed directory)."""
-    session = requests.Session()
-    session.headers["User-Agent"] = user_agent
-    session.max_redirects = MAX_REDIRECTS
-    adapter = _ContextAdapter(_ssl_context(ca_path))
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)  # a redirect may lead from http to https
-    return session
-
-
-def is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
 
 
 def check_url(url: str) -> None:
@@ -150,16 +91,16 @@ class _Check:
 class ImageCache:
     """Images from http(s) URLs, cached under ``cache_dir`` (see the module documentation)."""
 
-    def __init__(self, cache_dir: Union[str, Path], user_agent: str, ca_path: Optional[str] = None,
-                 timeout: float = DEFAULT_TIMEOUT, max_bytes: Optional[int] = None,
-                 max_seconds: Optional[float] = None) -> None:
-        """``ca_path`` None: the grid CA directory if present. ``timeout``: to connect and
-        between bytes. ``max_bytes``/``max_seconds``: optional caps on one download."""
+    def __init__(self, cache_dir: Union[str, Path], user_agent: str = USER_AGENT,
+                 ca_path: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+                 max_bytes: Optional[int] = None, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+        """``ca_path`` None: the grid CA directory if present. ``timeout``: to connect and the
+        longest silence. ``max_seconds``: one download's deadline. ``max_bytes``: optional cap."""
         self.cache_dir = Path(cache_dir)
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
-        self._session = http_session(user_agent, ca_path if ca_path is not None else default_ca_path())
+        self._fetcher = Fetcher(user_agent=user_agent, ca_dir=ca_path)
         self._checks: dict[str, _Check] = {}
         self._checks_lock = threading.Lock()
         self.cache_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -191,7 +132,7 @@ class ImageCache:
             return check.path
 
     def close(self) -> None:
-        self._session.close()
+        self._fetcher.close()
 
     # -- one check ---------------------------------------------------------------------------
 
@@ -201,23 +142,22 @@ class ImageCache:
         with contextlib.suppress(FileNotFoundError):
             if target.is_file():
                 cached_mtime = target.stat().st_mtime
-        headers = {"Accept-Encoding": "identity"}  # never have a multi-GB image compressed on the fly
+        headers = {}
         if cached_mtime is not None:
             headers["If-Modified-Since"] = _http_date(cached_mtime)
         try:
-            response = self._session.get(url, headers=headers, stream=True,
-                                         timeout=(self.timeout, self.timeout))
-        except requests.RequestException as error:
-            return self._fall_back(url, target, cached_mtime, f"request failed: {error}")
-        with response:
-            if response.status_code == 304 and cached_mtime is not None:
+            reply = self._fetcher.open(url, timeout=self.max_seconds, idle_timeout=self.timeout,
+                                       headers=headers)
+        except FetchError as error:
+            return self._fall_back(url, target, cached_mtime, error.reason)
+        with reply:
+            if reply.status == 304 and cached_mtime is not None:
                 log.debug("image %s not modified since %s", url, _http_date(cached_mtime))
                 return target
-            if response.status_code != 200:
-                return self._fall_back(url, target, cached_mtime,
-                                       f"HTTP {response.status_code} {response.reason}".rstrip())
+            if reply.status != 200:
+                return self._fall_back(url, target, cached_mtime, f"HTTP {reply.status} {reply.reason}".rstrip())
             try:
-                size, last_modified = self._download(response, target)
+                size, last_modified = self._download(reply, target)
             except _DownloadFailed as error:
                 return self._fall_back(url, target, cached_mtime, str(error))
         log.info("downloaded image %s (%d bytes, Last-Modified %s) to %s", url, size,
@@ -231,36 +171,28 @@ class ImageCache:
                     url, reason, target, _http_date(cached_mtime))
         return target
 
-    def _download(self, response: requests.Response, target: Path) -> tuple[int, float]:
+    def _download(self, reply: Reply, target: Path) -> tuple[int, float]:
         """Stream the body into place; (bytes, mtime given). _DownloadFailed leaves no trace."""
-        declared = response.headers.get("Content-Length", "")
-        if self.max_bytes is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            raise _DownloadFailed(f"image of {declared} bytes is larger than the limit of {self.max_bytes}")
-        last_modified = _parse_http_date(response.headers.get("Last-Modified"))
+        last_modified = _parse_http_date(reply.headers.get("Last-Modified"))
         if last_modified is None:
             log.warning("image %s has no valid Last-Modified header: it will be downloaded again "
-                        "at every check", response.url)
+                        "at every check", reply.url)
             last_modified = time.time()
-        started = time.monotonic()
         fd, temporary = tempfile.mkstemp(dir=self.cache_dir, prefix=TEMPORARY_PREFIX, suffix=".part")
-        size = 0
         try:
             with os.fdopen(fd, "wb") as part:
-                for chunk in response.iter_content(CHUNK_BYTES):
-                    size += len(chunk)
-                    if self.max_bytes is not None and size > self.max_bytes:
-                        raise _DownloadFailed(f"image is larger than the limit of {self.max_bytes} bytes")
-                    if self.max_seconds is not None and time.monotonic() - started > self.max_seconds:
-                        raise _DownloadFailed(f"download took longer than {self.max_seconds:g} s")
-                    part.write(chunk)
+                size = reply.copy_to(part, self.max_bytes)
                 part.flush()
                 os.fchmod(part.fileno(), 0o644)
                 os.fsync(part.fileno())
             os.utime(temporary, (last_modified, last_modified))
             os.replace(temporary, target)
-        except (requests.RequestException, OSError) as error:
+        except FetchError as error:
             os.unlink(temporary)
-            raise _DownloadFailed(f"download failed after {size} bytes: {error}") from error
+            raise _DownloadFailed(error.reason) from error
+        except OSError as error:
+            os.unlink(temporary)
+            raise _DownloadFailed(f"cannot store the download in {self.cache_dir}: {error}") from error
         except BaseException:
             os.unlink(temporary)
             raise

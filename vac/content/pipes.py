@@ -35,29 +35,21 @@ import logging
 import math
 import os
 import re
-import ssl
 import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
-import requests
-import requests.adapters
-import urllib3
-
-from vac import __version__
-from vac.content.x509 import DEFAULT_CA_DIR
+from vac.content import fetch
 from vac.core.config import MACHINE_MODELS, Config, Machinetype, Settings, VacuumPipe
 from vac.records.store import atomic_write
 
 log = logging.getLogger(__name__)
 
-Fetcher = Callable[[str], bytes]  # URL -> document body; raises PipeFetchError (or OSError)
+DocumentFetcher = Callable[[str], bytes]  # URL -> document body; raises fetch.FetchError (or OSError)
 
-USER_AGENT = f"Vac/{__version__}"
 FETCH_TIMEOUT_SECONDS = 30.0
 MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_ENTRIES = 100
-MAX_REDIRECTS = 5
 DEFAULT_CACHE_SECONDS = 3600.0
 MIN_CACHE_SECONDS = 60.0  # a pipe cannot make every factory poll its server every cycle
 MAX_CACHE_SECONDS = 7 * 86400.0
@@ -77,69 +69,11 @@ HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?")
 NUMERIC_HOST = re.compile(r"[0-9.]+|0x[0-9a-fx.]*")  # 2130706433, 127.1, 0x7f.1: resolve to IPs
 
 
-class PipeFetchError(Exception):
-    """A pipe document could not be fetched."""
-
-
-# --- fetching ------------------------------------------------------------------------------------
-
-
-class _SystemAndGridCasAdapter(requests.adapters.HTTPAdapter):
-    """HTTPS that trusts the system CAs plus a hashed grid CA directory (STANDARDS.md §E5)."""
-
-    def __init__(self, ca_dir: str) -> None:
-        self._context = ssl.create_default_context()
-        self._context.load_verify_locations(capath=ca_dir)
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
-        super().init_poolmanager(*args, **kwargs)
-
-
-class HttpFetcher:
-    """The default :data:`Fetcher`: GET with TLS verification, User-Agent, an overall timeout and
-    a size cap. Pass ``session`` to use a prepared ``requests.Session`` instead of a new one."""
-
-    def __init__(
-        self,
-        session: Optional[requests.Session] = None,
-        *,
-        ca_dir: Optional[str] = DEFAULT_CA_DIR,
-        timeout: float = FETCH_TIMEOUT_SECONDS,
-        max_bytes: int = MAX_DOCUMENT_BYTES,
-    ) -> None:
-        if session is None:
-            session = requests.Session()
-            session.max_redirects = MAX_REDIRECTS
-            if ca_dir and os.path.isdir(ca_dir):
-                session.mount("https://", _SystemAndGridCasAdapter(ca_dir))
-        self.session = session
-        self.timeout = timeout
-        self.max_bytes = max_bytes
-
-    def __call__(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.timeout
-        body = bytearray()
-        try:
-            with self.session.get(
-                url, timeout=self.timeout, stream=True, headers={"User-Agent": USER_AGENT}
-            ) as response:
-                if response.status_code != 200:
-                    raise PipeFetchError(f"HTTP {response.status_code} {response.reason} from {url}")
-                # read1 (urllib3 2) returns what has arrived, so a server that drips bytes
-                # cannot stretch the fetch past the deadline; read blocks for the whole chunk.
-                read = getattr(response.raw, "read1", response.raw.read)
-                while chunk := read(65536, decode_content=True):
-                    body += chunk
-                    if len(body) > self.max_bytes:
-                        raise PipeFetchError(f"{url} sent more than {self.max_bytes} bytes")
-                    if time.monotonic() > deadline:
-                        raise PipeFetchError(f"{url} took more than {self.timeout:g} s")
-        # Reading response.raw raises urllib3's own errors, not requests' wrappers.
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-            raise PipeFetchError(f"cannot fetch {url}: {error}") from None
-        return bytes(body)
+def fetch_document(url: str) -> bytes:
+    """The default :data:`DocumentFetcher`: one GET through vac.content.fetch (TLS against the
+    system and grid CAs, the User-Agent, one deadline, the document size cap)."""
+    with fetch.Fetcher() as client:
+        return client.get_bytes(url, timeout=FETCH_TIMEOUT_SECONDS, max_bytes=MAX_DOCUMENT_BYTES)
 
 
 # --- the document --------------------------------------------------------------------------------
@@ -565,14 +499,14 @@ def _read_cache(path: str, problems: list[str], where: str) -> Optional[_Cached]
 
 
 def _current_document(
-    pipe: VacuumPipe, cache_path: str, fetch: Fetcher, now: float, problems: list[str]
+    pipe: VacuumPipe, cache_path: str, fetcher: DocumentFetcher, now: float, problems: list[str]
 ) -> Optional[PipeDocument]:
     where = f"vacuum pipe {pipe.prefix}"
     cached = _read_cache(cache_path, problems, where)
     if cached is not None and now - cached.mtime < cached.document.cache_seconds:
         return cached.document
     try:
-        data = fetch(pipe.vacuum_pipe_url)
+        data = fetcher(pipe.vacuum_pipe_url)
         document = parse_document(data)
     # Any failure of any fetcher is reported, never allowed to stop the other pipes or the cycle.
     except Exception as error:
@@ -598,18 +532,17 @@ def _current_document(
 
 
 def expand_pipes(
-    config: Config, fetcher: Optional[Fetcher] = None, now: Optional[float] = None
+    config: Config, fetcher: Optional[DocumentFetcher] = None, now: Optional[float] = None
 ) -> tuple[Config, list[str]]:
     """``config`` with the machinetypes of every vacuum pipe added, and the problems found.
 
-    ``fetcher`` maps a URL to the document body (default: an :class:`HttpFetcher`, which uses
-    the grid CA directory when present); ``now`` is the time for cache expiry. Every problem is
+    ``fetcher`` maps a URL to the document body (default: :func:`fetch_document`); ``now`` is the time for cache expiry. Every problem is
     also logged as a warning. Never raises for anything a pipe server or cache file contains.
     """
     if not config.vacuum_pipes:
         return config, []
     now = time.time() if now is None else now
-    fetch = fetcher if fetcher is not None else HttpFetcher()
+    fetcher = fetcher if fetcher is not None else fetch_document
     problems: list[str] = []
     machinetypes = dict(config.machinetypes)
     from_pipes: dict[str, str] = {}
@@ -618,7 +551,7 @@ def expand_pipes(
             problems.append(f"vacuum pipe {_show(prefix)}: prefix must be 1-32 of a-z, 0-9 and inner -")
             continue
         cache_path = os.path.join(config.settings.state_dir, "pipescache", f"{prefix}.pipe")
-        document = _current_document(pipe, cache_path, fetch, now, problems)
+        document = _current_document(pipe, cache_path, fetcher, now, problems)
         if document is None:
             continue
         for machinetype in _pipe_machinetypes(config, pipe, document, problems):

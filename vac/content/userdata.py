@@ -20,15 +20,12 @@ option called ``x509_proxy``, an option over a file of the same name for
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-import requests
-
 from vac import __version__
-from vac.content.imagecache import default_ca_path, default_user_agent, http_session, is_url
+from vac.content.fetch import Fetcher, FetchError, is_url
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
 
@@ -75,35 +72,21 @@ def read_machinetype_file(machinetype: Machinetype, name: str, what: str) -> str
     return _decode(data, f"{what} {path}")
 
 
-def fetch_url(url: str, session: Optional[requests.Session] = None,
-              timeout: float = TEMPLATE_TIMEOUT) -> str:
+def fetch_url(url: str, fetcher: Optional[Fetcher] = None, timeout: float = TEMPLATE_TIMEOUT) -> str:
     """GET a template: redirects followed, TLS verified, size and total time capped."""
-    own_session = session is None
-    if session is None:
-        session = http_session(default_user_agent(), default_ca_path())
-    deadline = time.monotonic() + timeout
-    body = bytearray()
     try:
-        with session.get(url, stream=True, timeout=(timeout, timeout)) as response:
-            if response.status_code != 200:
-                raise UserDataError(f"cannot fetch user_data template {url}: HTTP "
-                                    f"{response.status_code} {response.reason}".rstrip())
-            for chunk in response.iter_content(64 * 1024):
-                body += chunk
-                if len(body) > MAX_TEMPLATE_BYTES:
-                    raise UserDataError(f"user_data template {url} is larger than {MAX_TEMPLATE_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise UserDataError(f"user_data template {url} took longer than {timeout:g} s")
-    except requests.RequestException as error:
-        raise UserDataError(f"cannot fetch user_data template {url}: {error}") from None
-    finally:
-        if own_session:
-            session.close()
-    return _decode(bytes(body), f"user_data template {url}")
+        if fetcher is not None:
+            data = fetcher.get_bytes(url, timeout=timeout, max_bytes=MAX_TEMPLATE_BYTES)
+        else:
+            with Fetcher() as own:
+                data = own.get_bytes(url, timeout=timeout, max_bytes=MAX_TEMPLATE_BYTES)
+    except FetchError as error:
+        raise UserDataError(f"cannot fetch user_data template {url}: {error.reason}") from None
+    return _decode(data, f"user_data template {url}")
 
 
 def fetch_template(machinetype: Machinetype, settings: Settings,
-                   session: Optional[requests.Session] = None) -> tuple[str, Optional[str]]:
+                   fetcher: Optional[Fetcher] = None) -> tuple[str, Optional[str]]:
     """The machinetype's template text, and its URL if it was fetched (for ``##user_data_url##``).
 
     ``settings`` is accepted for symmetry with ``build_user_data``; nothing in it changes reading.
@@ -112,7 +95,7 @@ def fetch_template(machinetype: Machinetype, settings: Settings,
     if not source:
         raise UserDataError(f"machinetype {machinetype.name} has no user_data")
     if is_url(source):
-        return fetch_url(source, session), source
+        return fetch_url(source, fetcher), source
     return read_machinetype_file(machinetype, source, "user_data"), None
 
 

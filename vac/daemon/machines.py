@@ -99,8 +99,7 @@ class MachineWorks:
 
     def root_image(self, machinetype: Machinetype, settings: Settings) -> Path:
         if self.images is None:
-            self.images = imagecache.ImageCache(Path(settings.state_dir) / "imagecache",
-                                                user_agent=imagecache.default_user_agent())
+            self.images = imagecache.ImageCache(Path(settings.state_dir) / "imagecache")
         return imagecache.resolve_root_image(machinetype, self.images)
 
     def domain_spec(self, machine: Machine, machinetype: Machinetype, settings: Settings,
