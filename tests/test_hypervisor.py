@@ -8,7 +8,6 @@ import pytest
 
 from vac.backends.vm import hypervisor
 from vac.backends.vm.hypervisor import (
-    CommandError,
     DhcpHost,
     DiskSpec,
     DomainEvent,
@@ -18,7 +17,6 @@ from vac.backends.vm.hypervisor import (
     NetworkSpec,
     factory_network,
     machine_domain_spec,
-    run_command,
 )
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
@@ -226,22 +224,3 @@ def test_domain_states_from_libvirt(state, name, active):
 def test_only_stopped_means_gone():
     assert DomainEvent(EventKind.STOPPED, UUID).stopped
     assert not DomainEvent(EventKind.SHUTDOWN, UUID).stopped
-
-
-# -- host commands -------------------------------------------------------------------------------
-
-
-def test_run_command_returns_stdout():
-    assert run_command(["/bin/echo", "a;b $HOME"]) == "a;b $HOME\n"  # no shell in between
-
-
-def test_run_command_failure_names_status_and_stderr():
-    with pytest.raises(CommandError, match="status 3: boom"):
-        run_command(["/bin/sh", "-c", "echo boom >&2; exit 3"])
-
-
-def test_run_command_reports_missing_programs_and_timeouts():
-    with pytest.raises(CommandError, match="no-such-program"):
-        run_command(["/nonexistent/no-such-program"])
-    with pytest.raises(CommandError, match="timed out"):
-        run_command(["/bin/sleep", "5"], timeout=0.1)

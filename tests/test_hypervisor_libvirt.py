@@ -8,8 +8,8 @@ import uuid as uuidlib
 import libvirt
 import pytest
 
+from vac.backends.commands import CommandError
 from vac.backends.vm.hypervisor import (
-    CommandError,
     DiskSpec,
     DomainState,
     EventKind,
@@ -248,7 +248,7 @@ def test_failing_address_command_is_reported(test_driver_uri, events):
     adapter = Hypervisor(test_driver_uri, events, command_runner=RecordingRunner(fail=True))
     adapter.connect()
     try:
-        with pytest.raises(CommandError, match="no such device"):
+        with pytest.raises(HypervisorError, match="cannot give bridge .* the address .*: ip: no such device"):
             adapter.ensure_network(isolated_network())
     finally:
         adapter.close()

@@ -19,7 +19,8 @@ import shutil
 import stat
 from typing import Callable, Optional
 
-from vac.backends.vm.hypervisor import CommandError, CommandRunner, DiskSpec, run_command
+from vac.backends.commands import CommandError, CommandRunner, run_command
+from vac.backends.vm.hypervisor import DiskSpec
 from vac.core.config import MACHINE_MODELS, Machinetype, Settings
 from vac.core.model import Machine
 

@@ -23,7 +23,6 @@ import enum
 import ipaddress
 import logging
 import os
-import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Callable, Optional
 import libvirt
 
 from vac import __version__
+from vac.backends.commands import CommandError, CommandRunner, run_command
 from vac.core.config import Machinetype, Settings
 from vac.core.model import NETWORK_PREFIX, Machine, slot_ip, slot_mac, slot_name
 
@@ -56,30 +56,6 @@ class HypervisorError(Exception):
 
 class NotConnectedError(HypervisorError):
     """libvirtd cannot be reached (yet); the adapter keeps trying to reconnect."""
-
-
-class CommandError(HypervisorError):
-    """A host command (ip, qemu-img, lvcreate ...) failed or could not be run."""
-
-
-CommandRunner = Callable[[Sequence[str]], str]
-
-
-def run_command(argv: Sequence[str], timeout: float = 120.0) -> str:
-    """Run ``argv`` (never through a shell) and return its stdout; raise CommandError on failure.
-
-    The C locale keeps output parseable; LVM_SUPPRESS_FD_WARNINGS quiets LVM about inherited fds.
-    """
-    env = dict(os.environ, LC_ALL="C", LVM_SUPPRESS_FD_WARNINGS="1")
-    try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                                env=env, check=False, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise CommandError(f"{argv[0]}: {error}") from error
-    if result.returncode != 0:
-        detail = result.stderr.strip() or result.stdout.strip() or "no output"
-        raise CommandError(f"{' '.join(argv)} failed with status {result.returncode}: {detail}")
-    return result.stdout
 
 
 # -- XML objects ---------------------------------------------------------------------------------
@@ -817,7 +793,11 @@ class Hypervisor:
             raise HypervisorError(f"network {spec.name} has no bridge: {error}",
                                   _error_code(error)) from error
         for address in spec.bridge_addresses:
-            self.command_runner(["ip", "address", "replace", address, "dev", bridge])
+            try:
+                self.command_runner(["ip", "address", "replace", address, "dev", bridge])
+            except CommandError as error:
+                # A HypervisorError like every other failure here: vacd retries the connection.
+                raise HypervisorError(f"cannot give bridge {bridge} the address {address}: {error}") from error
         return bridge
 
     def remove_network(self, name: str) -> None:
