@@ -31,6 +31,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "responses", "dirq", "cryptography", "ruff", "matplotlib",
+                 "vermin",  # scripts/run-tests: vac/ must run on EL9's Python 3.9
                  # vcycle's cloud tier: moto's EC2 server; openstacksdk proves the OpenStack
                  # emulator, built on keystoneauth1's token fixtures (which need fixtures)
                  "moto[server]", "openstacksdk", "fixtures"],
