@@ -297,6 +297,10 @@ GOOD_SETTINGS = [
     ("kernel", "/boot/vmlinuz", "/boot/vmlinuz"),
     ("initrd", "/boot/initrd.img", "/boot/initrd.img", "kernel = /boot/vmlinuz"),
     ("kernel_cmdline", "console=ttyS0 quiet", "console=ttyS0 quiet", "kernel = /boot/vmlinuz"),
+    ("container_engine", "docker", "docker"),
+    ("container_runtime", "runc", "runc"),
+    ("container_network", "none", "none"),
+    ("singularity_user", "vacsing", "vacsing"),
 ]
 
 
@@ -332,6 +336,8 @@ GOOD_MACHINETYPE = [
     ("image_signing_dn", "^/DC=ch/DC=cern/.*$", "^/DC=ch/DC=cern/.*$"),
     ("disk_gb_per_processor", "12.5", 12.5),
     ("cvmfs_repositories", "lhcb.cern.ch  lhcb-condb.cern.ch", ("lhcb.cern.ch", "lhcb-condb.cern.ch")),
+    ("container_command", "/bin/sh -c 'exec /user_data'", "/bin/sh -c 'exec /user_data'", "machine_model = podman\nroot_image = docker://lhcb/pilot"),
+    ("tmp_binds", "/scratch  /home/pilot", ("/scratch", "/home/pilot"), "machine_model = podman\nroot_image = docker://lhcb/pilot"),
 ]
 
 
@@ -391,6 +397,11 @@ BAD_SETTINGS = [
     ("joboutputs_max_files", "many", "'many' is not an integer"),
     ("kernel", "vmlinuz", "'vmlinuz' is not an absolute path"),
     ("initrd", "initrd.img", "'initrd.img' is not an absolute path"),
+    ("container_engine", "lxc", "'lxc' is not one of podman, docker"),
+    ("container_runtime", "run c", "'run c' is not an OCI runtime name like runc or crun"),
+    ("container_network", "host", "'host' would let containers reach the host's local services: "
+     "use bridge, none or a network made for them"),
+    ("singularity_user", "Vac!", "'Vac!' is not an account name"),
 ]
 
 
@@ -404,10 +415,10 @@ def test_settings_type_errors(space, option, text, message):
 
 
 BAD_MACHINETYPE = [
-    ("root_image", "docker://lhcb/pilot", "'docker://lhcb/pilot': docker:// images are not supported by this version"),
+    ("root_image", "docker://", "'docker://' does not name an image after docker://"),
     ("user_data", "../secret", "'../secret' is not a path without .. or an http(s) URL"),
     ("target_share", "-1", "'-1' must be at least 0"),
-    ("machine_model", "docker", "'docker' is not supported by this version (use cernvm3, cernvm4, vm-raw)"),
+    ("machine_model", "lxc", "'lxc' is not one of cernvm3, cernvm4, vm-raw, docker, podman, singularity, apptainer"),
     ("root_device", "/dev/vda", "'/dev/vda' is not a device name of a-z and 0-9 like vda"),
     ("scratch_device", "VDB", "'VDB' is not a device name of a-z and 0-9 like vdb"),
     ("user_data_proxy", "y", "'y' is not a boolean (use yes/no, true/false, on/off or 1/0)"),
@@ -426,6 +437,8 @@ BAD_MACHINETYPE = [
      "'/CN=(unclosed' is not a valid regular expression (missing ), unterminated subpattern at position 4)"),
     ("disk_gb_per_processor", "0", "'0' must be greater than 0"),
     ("cvmfs_repositories", "lhcb.cern.ch /cvmfs/x", "'/cvmfs/x' is not a CernVM-FS repository name"),
+    ("container_command", "'/user_data", "\"'/user_data\" is not a command line (No closing quotation)"),
+    ("tmp_binds", "/scratch /a/../b", "'/a/../b' is not an absolute container path without .., : or ,"),
 ]
 
 
@@ -838,7 +851,7 @@ def test_the_classic_configuration_is_accepted():
                                    hostname="wn001.example.org", processor_count=64)
     assert errors(problems) == []
     deprecated_here = {old for _, old, _ in DEPRECATED}
-    obsolete_here = {"total_machines", "delete_old_files", "mb_per_machine", "singularity_user", "rootpublickey",
+    obsolete_here = {"total_machines", "delete_old_files", "mb_per_machine", "rootpublickey",
                      "root_public_key", "user_data_proxy_cert", "user_data_proxy_key", "log_machineoutputs",
                      "tmp_binds", "container_command"}
     warned = [problem.option for problem in problems if problem.option]

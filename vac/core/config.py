@@ -34,6 +34,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import socket
 import urllib.parse
 from collections.abc import Mapping
@@ -44,7 +45,9 @@ DEFAULT_MAIN_CONF = "/etc/vac.conf"
 DEFAULT_RUN_CONFS = ("/run/vac.conf", "/var/run/vac.conf")
 
 MACHINE_MODELS = ("cernvm3", "cernvm4", "vm-raw")
-CONTAINER_MODELS = ("docker", "singularity")
+ENGINE_MODELS = ("docker", "podman")  # run by container_engine (podman or docker)
+APPTAINER_MODELS = ("singularity", "apptainer")  # run by apptainer (or singularity)
+CONTAINER_MODELS = ENGINE_MODELS + APPTAINER_MODELS
 
 ERROR = "error"
 WARNING = "warning"
@@ -129,6 +132,11 @@ class Settings:
     kernel: Optional[str] = None  # direct kernel boot (test guests), absolute path
     initrd: Optional[str] = None
     kernel_cmdline: Optional[str] = None
+    # Container machine models (docker/podman, singularity/apptainer).
+    container_engine: str = "podman"  # runs the docker and podman models: podman or docker
+    container_runtime: Optional[str] = None  # OCI runtime (runc, crun); None: the engine's
+    container_network: str = "bridge"  # the engine's network for docker/podman containers
+    singularity_user: Optional[str] = None  # account running singularity/apptainer containers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +169,8 @@ class Machinetype:
     image_signing_dn: Optional[str] = None
     disk_gb_per_processor: Optional[float] = None
     cvmfs_repositories: tuple[str, ...] = ()
+    container_command: Optional[str] = None  # None: /user_data (container models only)
+    tmp_binds: tuple[str, ...] = ()  # container paths given fresh scratch directories
     machinetype_path: str = ""  # <state_dir>/machinetypes/<name or pipe prefix>
 
     @property
@@ -277,6 +287,8 @@ _LIBVIRT_NAME = re.compile(r"[A-Za-z0-9_.+-]+\Z")
 _LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+.-]*:///?")
 _HOST_PORT = re.compile(r"[a-z0-9.-]+:([0-9]+)\Z")
 _REPOSITORY = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+_ENGINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # podman/docker network, OCI runtime
+_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]*[$]?\Z")
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
 
 
@@ -430,14 +442,15 @@ def _version_logger(text: str) -> Any:
 
 
 def _machine_model(text: str) -> str:
-    if text in CONTAINER_MODELS:
-        raise ValueError(f"{text!r} is not supported by this version (use {', '.join(MACHINE_MODELS)})")
-    return _choice(*MACHINE_MODELS)(text)
+    return _choice(*MACHINE_MODELS, *CONTAINER_MODELS)(text)
 
 
 def _root_image(text: str) -> str:
     if text.startswith("docker://"):
-        raise ValueError(f"{text!r}: docker:// images are not supported by this version")
+        name = text[len("docker://"):]
+        if not name or name.startswith("-") or any(c.isspace() or c == "\0" for c in name):
+            raise ValueError(f"{text!r} does not name an image after docker://")
+        return text
     if text.startswith(("http://", "https://")):
         return _http_url(text)
     if text.startswith("/"):
@@ -454,6 +467,30 @@ def _user_data(text: str) -> str:
     if ".." in text.split("/") or "\0" in text or not text:
         raise ValueError(f"{text!r} is not a path without .. or an http(s) URL")
     return text
+
+
+def _container_network(text: str) -> str:
+    if text == "host":
+        raise ValueError("'host' would let containers reach the host's local services: "
+                         "use bridge, none or a network made for them")
+    return _matching(_ENGINE_NAME, "a network name")(text)
+
+
+def _container_command(text: str) -> str:
+    try:
+        words = shlex.split(text)
+    except ValueError as error:
+        raise ValueError(f"{text!r} is not a command line ({error})") from None
+    if not words:
+        raise ValueError("is empty")
+    return text
+
+
+def _container_path(text: str) -> str:
+    path = _absolute_path(text)
+    if path == "/" or ".." in path.split("/") or ":" in path or "," in path:
+        raise ValueError(f"{text!r} is not an absolute container path without .., : or ,")
+    return path
 
 
 def _fqan(text: str) -> str:
@@ -522,6 +559,10 @@ SETTINGS_OPTIONS: dict[str, Converter] = {
     "kernel": _absolute_path,
     "initrd": _absolute_path,
     "kernel_cmdline": _text,
+    "container_engine": _choice("podman", "docker"),
+    "container_runtime": _matching(_ENGINE_NAME, "an OCI runtime name like runc or crun"),
+    "container_network": _container_network,
+    "singularity_user": _matching(_ACCOUNT, "an account name"),
 }
 
 MACHINETYPE_OPTIONS: dict[str, Converter] = {
@@ -547,6 +588,8 @@ MACHINETYPE_OPTIONS: dict[str, Converter] = {
     "image_signing_dn": _regex,
     "disk_gb_per_processor": _number(0.0),
     "cvmfs_repositories": _words(_matching(_REPOSITORY, "a CernVM-FS repository name")),
+    "container_command": _container_command,
+    "tmp_binds": _words(_container_path),
 }
 
 PIPE_OPTIONS: dict[str, Converter] = {
@@ -580,13 +623,11 @@ DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
     },
 }
 
-_CONTAINERS_ONLY = "ignored: only container machine models use it, and this version has none"
 OBSOLETE_OPTIONS: dict[str, dict[str, str]] = {
     "settings": {
         "total_machines": "obsolete and ignored: total_processors limits the number of machines",
         "delete_old_files": "obsolete and ignored: old files are always deleted",
         "mb_per_machine": "obsolete and ignored: use mb_per_processor",
-        "singularity_user": _CONTAINERS_ONLY,
     },
     "machinetype": {
         "rootpublickey": "ignored here: root_public_key is a [settings] option",
@@ -596,8 +637,6 @@ OBSOLETE_OPTIONS: dict[str, dict[str, str]] = {
         "and x509key.pem in the machinetype directory",
         "user_data_proxy_key": "obsolete and ignored: set user_data_proxy = true and put x509cert.pem "
         "and x509key.pem in the machinetype directory",
-        "container_command": _CONTAINERS_ONLY,
-        "tmp_binds": _CONTAINERS_ONLY,
         "machinetype_path": "ignored: always <state_dir>/machinetypes/<name>",
     },
 }
@@ -1046,6 +1085,7 @@ def _build_machinetype(
                             builder.at(low) or builder.at(high))
     if fields.get("heartbeat_seconds", 0) > 0 and "heartbeat_file" not in fields:
         builder.problem(WARNING, "has no effect without heartbeat_file", value=builder.at("heartbeat_seconds"))
+    _check_container_options(builder, fields, settings)
     if "disk_gb_per_processor" in fields and settings.disk_gb_per_processor is not None \
             and fields["disk_gb_per_processor"] > settings.disk_gb_per_processor:
         builder.problem(WARNING, f"more than the [settings] value {settings.disk_gb_per_processor:g}, which is used instead",
@@ -1056,6 +1096,29 @@ def _build_machinetype(
     fields["machinetype_path"] = os.path.join(settings.state_dir, "machinetypes", section.name)
     _record_defaults(Machinetype, section.label, sources, skip=("name", "machinetype_path", *MACHINETYPE_PREFIXES.values()))
     return Machinetype(name=section.name, **fields)
+
+
+def _check_container_options(builder: _Builder, fields: dict, settings: Settings) -> None:
+    """The container models' rules (CONTAINERS.md §1): docker:// images for docker/podman only,
+    singularity/apptainer need singularity_user, container options only for containers."""
+    model = fields.get("machine_model", "cernvm3")
+    image = fields.get("root_image")
+    if image is not None and image.startswith("docker://") and model not in ENGINE_MODELS:
+        builder.problem(ERROR, f"docker:// images are for machine_model docker or podman, not {model}",
+                        value=builder.at("root_image"))
+    elif image is not None and model in ENGINE_MODELS and not image.startswith("docker://"):
+        builder.problem(ERROR, f"machine_model {model} needs root_image = docker://IMAGE",
+                        value=builder.at("root_image"))
+    if model in APPTAINER_MODELS and settings.singularity_user is None:
+        builder.problem(ERROR, f"machine_model {model} needs [settings] singularity_user",
+                        value=builder.at("machine_model"))
+    for option in ("container_command", "tmp_binds"):
+        if fields.get(option) and model not in CONTAINER_MODELS:
+            builder.problem(WARNING, f"ignored: only container machine models use it, not {model}",
+                            value=builder.at(option))
+    if fields.get("tmp_binds") and model in APPTAINER_MODELS:
+        builder.problem(WARNING, f"ignored by machine_model {model}: its /tmp is the scratch space",
+                        value=builder.at("tmp_binds"))
 
 
 def _build_pipe(section: _Section, problems: list[Problem], sources: dict) -> Optional[VacuumPipe]:
