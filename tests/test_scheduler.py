@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 
 import pytest
@@ -815,3 +817,100 @@ def test_creating_machines_count_in_the_superslot_at_shutdown_time():
     starting = machine(0, "lhcb", state=MachineState.CREATING, deadline=NOW + 86400)
     result = plan(snapshot(config, [starting], num_slots=2), random.Random(0))
     assert [(c.processors, c.deadline) for c in creates(result)] == [(1, shutdown_time)]
+
+
+# --------------------------------------------------------------------------------------------
+# When to plan again (Plan.wake_at): the earliest moment a decision may change with time alone
+
+
+def later(snap, now):
+    return dataclasses.replace(snap, now=now)
+
+
+def test_wake_at_is_the_earliest_running_deadline_and_it_is_enforced_just_after():
+    config = make_config(machinetype("lhcb"))
+    machines = [machine(0, "lhcb", deadline=NOW + 500), machine(1, "lhcb", deadline=NOW + 200)]
+    full = snapshot(config, machines, num_slots=2)
+    assert plan(full, random.Random(0)).wake_at == NOW + 200
+    at_deadline = plan(later(full, NOW + 200), random.Random(0))
+    assert (at_deadline.actions, at_deadline.wake_at) == ((), NOW + 200)
+    just_after = plan(later(full, NOW + 200.01), random.Random(0))
+    assert [(type(a), a.uuid) for a in just_after.actions] == [(Shutdown, "uuid-1")]
+    assert just_after.wake_at == NOW + 500
+
+
+def test_nothing_due_means_no_wake():
+    config = make_config(machinetype("lhcb"), max_probes=0)
+    assert plan(snapshot(config, num_slots=2), random.Random(0)).wake_at is None
+    leaving = [machine(0, "lhcb", state=MachineState.STOPPING, deadline=NOW - 10),
+               machine(1, "lhcb", state=MachineState.CREATING)]
+    assert plan(snapshot(config, leaving, num_slots=2), random.Random(0)).wake_at is None
+
+
+def test_shutdown_time_is_a_moment_of_its_own():
+    config = make_config(machinetype("lhcb"), shutdown_time=int(NOW + 3600))
+    result = plan(snapshot(config, [machine(0, "lhcb", deadline=NOW + 1800)], num_slots=1),
+                  random.Random(0))
+    assert result.wake_at == NOW + 1800
+    lowered = plan(snapshot(config, [machine(0, "lhcb", deadline=NOW + 7200)], num_slots=1),
+                   random.Random(0))
+    assert [type(a) for a in lowered.actions] == [LowerDeadline]
+    assert lowered.wake_at == NOW + 3600
+
+
+def test_wake_at_follows_the_heartbeat_rules():
+    config = heartbeat_config()  # fizzle_seconds 600, heartbeat_seconds 900
+    fresh = snapshot(config, [machine(0, "lhcb", started=NOW - 100)], num_slots=1,
+                     heartbeats={"uuid-0": NOW - 50})
+    assert plan(fresh, random.Random(0)).wake_at == NOW + 500  # checks begin
+    checked = plan(later(fresh, NOW + 500.5), random.Random(0))
+    assert (checked.actions, checked.wake_at) == ((), NOW + 850)  # the file is overdue then
+    overdue = plan(later(fresh, NOW + 850.5), random.Random(0))
+    assert [a.shutdown_message for a in overdue.actions] == [HEARTBEAT_NOT_UPDATED]
+
+    missing = snapshot(config, [machine(0, "lhcb", started=NOW - 700)], num_slots=1,
+                       heartbeats={"uuid-0": None}, daemon_started=NOW - 100)
+    assert plan(missing, random.Random(0)).wake_at == NOW + 500  # the restart grace ends
+    after_grace = plan(later(missing, NOW + 500.5), random.Random(0))
+    assert [a.shutdown_message for a in after_grace.actions] == [HEARTBEAT_NOT_CREATED]
+
+
+def test_wake_at_is_the_end_of_a_backoff():
+    result = one_create(backoff_config(), [abort_report()], now=ABORT_AT + 5)
+    assert (creates(result), result.wake_at) == ([], ABORT_AT + 10)
+    assert created_types(one_create(backoff_config(), [abort_report()], now=ABORT_AT + 10.5))
+    reports = [abort_report(), report("lhcb", factory="f09.example.org", num_before_fizzle=1,
+                                      running_machines=1)]
+    extended = one_create(backoff_config(), reports, now=ABORT_AT + 11)
+    assert (creates(extended), extended.wake_at) == ([], ABORT_AT + 610)
+
+
+def test_wake_at_when_an_abort_from_a_clock_ahead_becomes_believable():
+    reports = [abort_report(at=NOW + 1000)]
+    result = one_create(backoff_config(), reports)
+    assert (created_types(result), result.wake_at) == (["lhcb"], NOW + 700)
+    assert creates(one_create(backoff_config(), reports, now=NOW + 700.5)) == []
+
+
+def test_wake_at_when_min_wallclock_no_longer_fits_before_shutdown_time():
+    config = make_config(machinetype("lhcb", min_wallclock_seconds=3000),
+                         shutdown_time=int(NOW + 3600), max_probes=0)
+    result = one_create(config)
+    assert (created_types(result), result.wake_at) == (["lhcb"], NOW + 600)
+    assert creates(one_create(config, now=NOW + 600.5)) == []
+
+
+def test_wake_at_when_a_superslot_can_no_longer_be_joined():
+    config = make_config(machinetype("lhcb", min_wallclock_seconds=3000, fizzle_seconds=60),
+                         processors_per_superslot=2, total_processors=2, max_probes=0)
+    half = snapshot(config, [machine(0, "lhcb", deadline=NOW + 5000)], num_slots=2)
+    result = plan(half, random.Random(0))
+    assert (created_types(result), result.wake_at) == (["lhcb"], NOW + 2000)
+    assert creates(plan(later(half, NOW + 2000.5), random.Random(0))) == []
+
+
+def test_non_finite_moments_are_ignored():
+    config = make_config(machinetype("lhcb"))
+    result = plan(snapshot(config, [machine(0, "lhcb", deadline=math.inf)], num_slots=1),
+                  random.Random(0))
+    assert result.wake_at is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from hypothesis import given, settings
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from vac.core.config import Config, Machinetype, Settings
 from vac.core.model import Machine, MachineState, MachinetypeReport, is_abort
-from vac.core.scheduler import ACTIVE_STATES, Create, HostFacts, Snapshot, plan
+from vac.core.scheduler import ACTIVE_STATES, Create, HostFacts, Shutdown, Snapshot, plan
 
 NOW = 1_700_000_000.0
 GIB = 1 << 30
@@ -225,3 +226,48 @@ def test_chosen_type_has_the_lowest_group_score_then_score(snapshot):
 @given(snapshots(), st.integers(0, 2**32))
 def test_deterministic_for_a_fixed_seed(snapshot, seed):
     assert plan(snapshot, random.Random(seed)) == plan(snapshot, random.Random(seed))
+
+
+def decisions(result) -> list:
+    """What a plan does, without its reasons and the deadlines of new superslots (now + wallclock)."""
+    found = []
+    for action in result.actions:
+        if isinstance(action, Create):
+            found.append(("create", action.machinetype, action.slot, action.processors))
+        elif isinstance(action, Shutdown):
+            found.append(("shutdown", action.uuid, action.shutdown_message))
+        else:
+            found.append(("lower", action.uuid, action.deadline))
+    return found
+
+
+@st.composite
+def snapshots_with_heartbeats(draw) -> Snapshot:
+    """Random snapshots whose machinetypes check heartbeat files of random ages (or none)."""
+    snapshot = draw(snapshots())
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    machinetypes = {
+        name: dataclasses.replace(mt, heartbeat_file="heartbeat",
+                                  heartbeat_seconds=rng.choice((0, 300, 900)))
+        for name, mt in snapshot.config.machinetypes.items()
+    }
+    mtimes = {m.uuid: rng.choice((None, rng.uniform(NOW - 2000, NOW))) for m in snapshot.machines}
+    return dataclasses.replace(
+        snapshot, config=dataclasses.replace(snapshot.config, machinetypes=machinetypes),
+        heartbeat_mtimes=mtimes, daemon_started=rng.choice((NOW - 86400, NOW - 300)))
+
+
+@FAST
+@given(st.one_of(snapshots(), snapshots_with_heartbeats()), st.floats(0.0, 1.0))
+def test_no_decision_changes_before_wake_at(snapshot, fraction):
+    """Between now and wake_at the plan stays the same: sleeping until then misses nothing."""
+    result = plan(snapshot, random.Random(7))
+    wake_at = result.wake_at
+    if wake_at is None:
+        wake_at = NOW + 10 * 86400  # beyond every time in these snapshots
+    assert wake_at >= NOW
+    moment = NOW + fraction * (wake_at - NOW)
+    if not NOW < moment < wake_at:
+        return
+    later = dataclasses.replace(snapshot, now=moment)
+    assert decisions(plan(later, random.Random(7))) == decisions(result)

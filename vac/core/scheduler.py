@@ -16,6 +16,9 @@ Rules (REFERENCE.md §2.5, §3.3-3.6, with the documented intent where the class
   ``max_probes`` young VMs, are not eligible; the rest are ranked by (group score, score, random
   tie-break) and placed with the superslot rules of §3.5. Several machines may be planned at once;
   each one planned counts immediately in the scores, the probe count and the superslots.
+
+Every plan also says when it may next change with time alone (``Plan.wake_at``): the daemon
+sleeps until then instead of polling, and enforces deadlines within a second.
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ Action = Union[Create, Shutdown, LowerDeadline]
 class Plan:
     actions: tuple[Action, ...]
     notes: tuple[str, ...]  # why nothing (more) was created, backoffs, ignored input
+    # The earliest moment from ``Snapshot.now`` on at which the plan may differ with nothing but
+    # the time changing; None if never. The rules compare with ">", so wake just after it.
+    wake_at: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +247,7 @@ class _Space:
         self.proven: set[str] = set()
         self.abort: dict[str, MachinetypeReport] = {}
         self.notes: list[str] = []
+        self.future_aborts: list[float] = []  # when ignored future aborts become believable
         self._sum_reports(reports)
         # Eligibility changes only for a machinetype that gets a machine planned.
         self.blocked = {name: self._why_blocked(name) for name in self.types}
@@ -293,6 +300,7 @@ class _Space:
 
     def _note_abort(self, report: MachinetypeReport) -> None:
         if report.shutdown_time > self.now + FUTURE_ABORT_TOLERANCE_SECONDS:
+            self.future_aborts.append(report.shutdown_time - FUTURE_ABORT_TOLERANCE_SECONDS)
             self.notes.append(
                 f"ignored abort time {clock(report.shutdown_time)} in the future in report "
                 f"from {report.factory} on {report.machinetype}"
@@ -339,6 +347,21 @@ class _Space:
             )
         return None
 
+    def moments(self) -> list[float]:
+        """When eligibility may change with time alone: a backoff ends (with or without the
+        fizzle extension), an abort from a clock ahead becomes believable, or
+        min_wallclock_seconds no longer fits before shutdown_time."""
+        found = list(self.future_aborts)
+        shutdown_time = self.settings.shutdown_time
+        for name, machinetype in self.types.items():
+            if shutdown_time is not None:
+                found.append(shutdown_time - machinetype.effective_min_wallclock_seconds)
+            abort = self.abort.get(name)
+            if abort is not None:
+                ends = abort.shutdown_time + machinetype.backoff_seconds
+                found += [ends, ends + machinetype.fizzle_seconds]
+        return found
+
     def standing(self, name: str) -> Standing:
         abort = self.abort.get(name)
         machinetype = self.types[name]
@@ -382,13 +405,17 @@ def in_backoff(standing: Standing) -> bool:
 # Supervision of running machines
 
 
+def _effective_deadline(machine: Machine, shutdown_time: Optional[float]) -> float:
+    """A machine's deadline, or the global shutdown_time if that is earlier."""
+    if shutdown_time is not None and shutdown_time < machine.deadline:
+        return shutdown_time
+    return machine.deadline
+
+
 def _supervise(machine: Machine, snapshot: Snapshot, notes: list) -> Optional[Action]:
     """At most one action for a RUNNING machine: shut down, or lower its deadline."""
     now = snapshot.now
-    shutdown_time = snapshot.config.settings.shutdown_time
-    deadline = machine.deadline
-    if shutdown_time is not None and shutdown_time < deadline:
-        deadline = shutdown_time
+    deadline = _effective_deadline(machine, snapshot.config.settings.shutdown_time)
     label = f"{machine.name} ({machine.machinetype})"
     if now > deadline:
         return Shutdown(machine.uuid, f"{label} passed its deadline {clock(deadline)}", None)
@@ -400,6 +427,23 @@ def _supervise(machine: Machine, snapshot: Snapshot, notes: list) -> Optional[Ac
             machine.uuid, deadline, f"{label} deadline lowered to shutdown_time {clock(deadline)}"
         )
     return None
+
+
+def _supervision_moments(machine: Machine, snapshot: Snapshot) -> list[float]:
+    """When _supervise may decide differently for a RUNNING machine: its deadline passes, its
+    heartbeat checks begin (after fizzle_seconds, and as long after vacd started), or its
+    heartbeat file falls overdue."""
+    found = [_effective_deadline(machine, snapshot.config.settings.shutdown_time)]
+    machinetype = snapshot.config.machinetypes.get(machine.machinetype)
+    if (machinetype is None or not machinetype.heartbeat_file or machinetype.fizzle_seconds <= 0
+            or machine.started is None):
+        return found
+    found += [machine.started + machinetype.fizzle_seconds,
+              snapshot.daemon_started + machinetype.fizzle_seconds]
+    mtime = snapshot.heartbeat_mtimes.get(machine.uuid)
+    if mtime is not None and machinetype.heartbeat_seconds > 0:
+        found.append(mtime + machinetype.heartbeat_seconds)
+    return found
 
 
 def _heartbeat_failure(machine: Machine, snapshot: Snapshot, notes: list) -> Optional[str]:
@@ -503,7 +547,30 @@ def _place(
     return None
 
 
-def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: list) -> list:
+def _creation_moments(snapshot: Snapshot, space: _Space, superslots: Mapping[float, int]) -> list:
+    """When creation may change with time alone (once no veto stops it): shutdown_time
+    arrives, a machinetype's eligibility changes, a local machine grows past fizzle_seconds
+    (probes, backoff extension), an incomplete superslot comes within a machinetype's wallclock
+    limits or leaves them."""
+    settings = snapshot.config.settings
+    found = space.moments()
+    if settings.shutdown_time is not None:
+        found.append(settings.shutdown_time)
+    for machine in snapshot.machines:
+        machinetype = space.types.get(machine.machinetype)
+        if (machinetype is not None and machine.state in ACTIVE_STATES
+                and machine.started is not None):
+            found.append(machine.started + machinetype.fizzle_seconds)
+    if settings.processors_per_superslot > 1:
+        for ends in superslots:
+            for machinetype in space.types.values():
+                found += [ends - machinetype.effective_min_wallclock_seconds,
+                          ends - machinetype.max_wallclock_seconds]
+    return found
+
+
+def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: list,
+                  moments: list) -> list:
     settings = snapshot.config.settings
     now = snapshot.now
     active = [m for m in snapshot.machines if m.state in ACTIVE_STATES]
@@ -522,12 +589,11 @@ def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: l
     for machine in active:
         if machine.uuid not in leaving:
             # Deadlines beyond shutdown_time are (or will be, once running) lowered to it.
-            ends = machine.deadline
-            if settings.shutdown_time is not None:
-                ends = min(ends, settings.shutdown_time)
+            ends = _effective_deadline(machine, settings.shutdown_time)
             superslots[ends] = superslots.get(ends, 0) + machine.processors
     space = _Space(snapshot.config, snapshot.reports, now)
     notes.extend(space.notes)
+    moments.extend(_creation_moments(snapshot, space, superslots))
     tie_breaks = {name: rng.random() for name in space.types}
     free_memory = snapshot.host.free_memory_bytes
     hs06_per_processor = settings.hs06_per_processor or DEFAULT_HS06_PER_PROCESSOR
@@ -593,17 +659,23 @@ def _plan_creates(snapshot: Snapshot, rng: random.Random, leaving: set, notes: l
 
 
 def plan(snapshot: Snapshot, rng: random.Random) -> Plan:
-    """Shutdowns and deadline changes for running machines, then the machines to create."""
+    """Shutdowns and deadline changes for running machines, then the machines to create, and
+    when to plan again if nothing else happens."""
     notes: list[str] = []
     actions: list[Action] = []
     leaving: set[str] = set()
+    moments: list[float] = []
     for machine in sorted(snapshot.machines, key=lambda m: m.slot):
         if machine.state != MachineState.RUNNING:
             continue
+        moments.extend(_supervision_moments(machine, snapshot))
         action = _supervise(machine, snapshot, notes)
         if isinstance(action, Shutdown):
             leaving.add(machine.uuid)
         if action is not None:
             actions.append(action)
-    actions.extend(_plan_creates(snapshot, rng, leaving, notes))
-    return Plan(actions=tuple(actions), notes=tuple(notes))
+    actions.extend(_plan_creates(snapshot, rng, leaving, notes, moments))
+    now = snapshot.now
+    # Moments in the past were decided on now; a non-finite one (bad input) decides nothing.
+    wake_at = min((moment for moment in moments if now <= moment < math.inf), default=None)
+    return Plan(actions=tuple(actions), notes=tuple(notes), wake_at=wake_at)
