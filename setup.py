@@ -44,6 +44,7 @@ setup(
             "vac = vac.cli.main:main",
             "vacd = vac.daemon.vacd:main",
             "check-vacd = vac.cli.check:main",
+            "vcycle = vac.cli.vcycle:main",
         ]
     },
 )

@@ -12,10 +12,22 @@ Interface:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
-from typing import Optional
+import difflib
+import re
+from typing import Any, Optional
 
-from vac.core.config import Machinetype
+from vac.core import config as vacconfig
+from vac.core.config import ERROR, WARNING, ConfigPaths, Machinetype, Problem, Settings
+
+DEFAULT_CONF_DIR = "/etc/vcycle.d"
+DEFAULT_MAIN_CONF = "/etc/vcycle.conf"
+STATE_DIR = "/var/lib/vcycle"
+# Classic vcycle has no maximum unless max_processors is set: a flavor may have any number of
+# vCPUs from min_processors up. vac's Machinetype needs a number.
+UNBOUNDED_PROCESSORS = 4096
 
 API_OPENSTACK = "openstack"
 API_EC2 = "ec2"
@@ -77,3 +89,341 @@ class Space:
     # EC2
     access_key: Optional[str] = None
     secret_key: Optional[str] = dataclasses.field(default=None, repr=False)
+    vacuum_pipes: dict = dataclasses.field(default_factory=dict)  # prefix -> VacuumPipe
+
+
+@dataclasses.dataclass(frozen=True)
+class VcycleConfig:
+    spaces: dict  # name -> Space, in name order
+    sources: dict = dataclasses.field(default_factory=dict)  # (section label, option) -> "file:line"
+
+
+def space_settings(space: Space, hostname: str) -> Settings:
+    """The vac Settings the shared code (user_data, MJF, APEL) sees for one space."""
+    return Settings(vac_space=space.name, factory_name=hostname, shutdown_time=space.shutdown_time,
+                    gocdb_sitename=space.gocdb_sitename, vacmon_hostport=space.vacmon_hostport,
+                    state_dir=f"{STATE_DIR}/spaces/{space.name}")
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+_SPACE_NAME = re.compile(r"[a-z0-9.-]+\Z")
+_MACHINETYPE_NAME = re.compile(r"[a-z0-9-]+\Z")
+_WORD = re.compile(r"\S+\Z")
+
+
+def _password_base64(text: str) -> str:
+    try:
+        return base64.b64decode(text, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise ValueError("is not base64-encoded UTF-8 text") from None
+
+
+def _api(text: str) -> str:
+    if text in ("azure", "occi", "dbce", "google", "creamce"):
+        raise ValueError(f"{text!r} is not supported by this version (use {' or '.join(APIS)})")
+    return vacconfig._choice(*APIS)(text)
+
+
+def _api_version(text: str) -> str:
+    if text == "3" or text.startswith("3."):
+        return text
+    if text == "2" or text.startswith("2."):
+        raise ValueError(f"{text!r}: Keystone v2 is not supported (clouds have removed it); use 3")
+    raise ValueError(f"{text!r} is not a Keystone version (3 or 3.x)")
+
+
+def _glance_api(text: str) -> Any:
+    """Classic files must say 1 or 2; v2 is used either way (Glance v1 is gone from clouds)."""
+    value = vacconfig._choice("1", "2")(text)
+    return vacconfig._WithWarning(value, "Glance v1 is not supported: v2 is used") if value == "1" else value
+
+
+def _ca_certificates(text: str) -> str:
+    return text if text == "system" else vacconfig._absolute_path(text)
+
+
+_words = vacconfig._words(vacconfig._matching(_WORD, "a word"))
+
+SPACE_OPTIONS: dict[str, Any] = {
+    "api": _api,
+    "api_version": _api_version,
+    "url": vacconfig._http_url,
+    "region": vacconfig._text,
+    "processors_limit": vacconfig._integer(0),
+    "flavor_names": _words,
+    "shutdown_time": vacconfig._integer(0),
+    "gocdb_sitename": vacconfig._text,
+    "vacmon_hostport": vacconfig._words(vacconfig._host_port),
+    "https_host": vacconfig._host_name,
+    "https_port": vacconfig._port,
+    "cleanup_hours": vacconfig._integer(0),
+    "ca_certificates": _ca_certificates,
+    "max_creations": vacconfig._integer(1),
+    "glance_api": _glance_api,
+    "project_name": vacconfig._text,
+    "domain_name": vacconfig._text,
+    "username": vacconfig._text,
+    "password_base64": _password_base64,  # Space.password, decoded
+    "cred_id": vacconfig._text,
+    "cred_secret": vacconfig._text,
+    "zones": _words,
+    "security_groups": _words,
+    "network_uuid": vacconfig._text,
+    "access_key": vacconfig._text,
+    "secret_key": vacconfig._text,
+}
+_OPENSTACK_ONLY = ("project_name", "username", "password_base64", "cred_id", "cred_secret", "zones",
+                   "security_groups", "network_uuid", "glance_api", "api_version")
+_EC2_ONLY = ("access_key", "secret_key")
+
+CLOUD_MACHINETYPE_OPTIONS: dict[str, Any] = {
+    "flavor_names": _words,
+    "processors_limit": vacconfig._integer(0),
+    "max_machines": vacconfig._integer(0),
+    "max_starting_processors": vacconfig._integer(0),
+    "root_public_key": vacconfig._absolute_path,
+    "https_x509dn": vacconfig._text,
+    "cvmfs_proxy_machinetype": vacconfig._matching(re.compile(r"[a-z0-9-]+(:[0-9]{1,5})?\Z"), "NAME or NAME:PORT"),
+    "hs06_per_processor": vacconfig._number(0.0),
+    "mb_per_processor": vacconfig._integer(1),
+}
+
+RENAMED: dict[str, dict[str, str]] = {
+    "space": {"max_processors": "processors_limit", "tenancy_name": "project_name"},
+    "machinetype": {**vacconfig.DEPRECATED_OPTIONS["machinetype"], "flavor_name": "flavor_names",
+                    "cpu_per_machine": "min_processors", "processors_per_machine": "min_processors",
+                    "x509dn": "https_x509dn"},
+}
+_IGNORED_MT = "accepted for compatibility and ignored"
+IGNORED: dict[str, dict[str, str]] = {
+    "space": {"volume_gb_per_processor": "ignored: machines boot from images, not volumes",
+              "version": "ignored: boto3 knows the EC2 API version",
+              "service": "ignored: boto3 signs for the ec2 service",
+              "gocdb_cert_file": "obsolete and ignored", "gocdb_key_file": "obsolete and ignored",
+              "os_shutdown_timeout": "ignored"},
+    "machinetype": {
+        **{option: message for option, message in vacconfig.OBSOLETE_OPTIONS["machinetype"].items()
+           if option not in CLOUD_MACHINETYPE_OPTIONS},
+        "log_joboutputs": _IGNORED_MT, "joboutputs_days": _IGNORED_MT,
+        "remote_joboutputs_url": _IGNORED_MT, "remote_joboutputs_cert": _IGNORED_MT,
+        "remote_joboutputs_key": _IGNORED_MT, "disk_gb_per_processor": _IGNORED_MT,
+        "preemptible": "not supported by this version", "grace_secs": "not supported by this version",
+    },
+}
+
+
+def _known(kind: str) -> dict[str, Any]:
+    if kind == "space":
+        return SPACE_OPTIONS
+    if kind == "machinetype":
+        return {**vacconfig.MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS}
+    return {**vacconfig.MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS, **vacconfig.PIPE_OPTIONS}
+
+
+@dataclasses.dataclass
+class _Section(vacconfig._Section):
+    """A vac section with the space in its label: ``[machinetype SPACE NAME]``."""
+
+    space: str = ""
+
+    @property
+    def label(self) -> str:
+        return " ".join(part for part in (self.kind, self.space, self.name) if part)
+
+
+def _section_of(block: Any, problems: list[Problem]) -> Optional[tuple[str, str, str]]:
+    """(kind, space, name) of a header, or None (with an error): classic vcycle refuses the rest."""
+    words = block.header.lower().split()
+    kind, names = words[0], words[1:]
+
+    def error(message: str) -> None:
+        problems.append(Problem(ERROR, message, block.file, block.line, section=block.header))
+
+    if kind not in ("space", "machinetype", "vacuum_pipe"):
+        error("unknown section: vcycle reads [space S], [machinetype S M] and [vacuum_pipe S P]")
+        return None
+    wanted = 1 if kind == "space" else 2
+    if len(names) != wanted:
+        error(f"[{kind} {'SPACE' if wanted == 1 else 'SPACE NAME'}] needs {wanted} name{'s' if wanted > 1 else ''}")
+        return None
+    if not _SPACE_NAME.match(names[0]):
+        error(f"space name {names[0]!r} may only contain a-z, 0-9, . and -")
+        return None
+    if wanted == 2 and not _MACHINETYPE_NAME.match(names[1]):
+        error(f"name {names[1]!r} may only contain a-z, 0-9 and -")
+        return None
+    return kind, names[0], names[1] if wanted == 2 else ""
+
+
+def _merge(files: list, problems: list[Problem]) -> dict[tuple[str, str, str], _Section]:
+    sections: dict[tuple[str, str, str], _Section] = {}
+    for file, blocks in files:
+        set_here: dict[tuple, Any] = {}
+        for block in blocks:
+            key = _section_of(block, problems)
+            if key is None:
+                continue
+            kind, space, name = key
+            section = sections.setdefault(key, _Section(kind, name, block.file, block.line, space=space))
+            known = _known(kind)
+            renamed = RENAMED["space" if kind == "space" else "machinetype"]
+            ignored = IGNORED["space" if kind == "space" else "machinetype"]
+            for option, text, line in block.options:
+                canonical = renamed.get(option, option)
+                complaint = None
+                if option in renamed:
+                    problems.append(Problem(WARNING, f"deprecated: use {canonical}", file, line, section.label, option))
+                if option in ignored:
+                    complaint = (WARNING, ignored[option])
+                elif canonical not in known and not canonical.startswith(tuple(vacconfig.MACHINETYPE_PREFIXES)):
+                    close = difflib.get_close_matches(canonical, list(known), n=1)
+                    complaint = (WARNING, "unknown option ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+                elif (key, canonical) in set_here:
+                    complaint = (ERROR, f"already set at line {set_here[(key, canonical)]} of this file")
+                if complaint is not None:
+                    problems.append(Problem(*complaint, file, line, section.label, option))
+                    continue
+                set_here[(key, canonical)] = line
+                section.values[canonical] = vacconfig._Value(text, file, line, option)
+    return sections
+
+
+def _build_space(section: _Section, machinetypes: dict, pipes: dict, problems: list[Problem],
+                 sources: dict) -> Optional[Space]:
+    builder = vacconfig._Builder(section, problems, sources)
+    fields = builder.convert(SPACE_OPTIONS, vacconfig._field_defaults(Space))
+    builder.required(fields, "api")
+    api = fields.get("api")
+    builder.required(fields, "url")
+    if api == API_OPENSTACK:
+        builder.required(fields, "project_name")
+        has_password = "username" in fields or "password_base64" in fields
+        if "cred_id" in fields or "cred_secret" in fields:
+            builder.required(fields, "cred_id")
+            builder.required(fields, "cred_secret")
+            if has_password:
+                builder.problem(ERROR, "give username and password_base64 or cred_id and cred_secret, not both",
+                                value=builder.at("cred_id"))
+        else:
+            builder.required(fields, "username")
+            builder.required(fields, "password_base64")
+    elif api == API_EC2:
+        builder.required(fields, "access_key")
+        builder.required(fields, "secret_key")
+    for option in (_EC2_ONLY if api == API_OPENSTACK else _OPENSTACK_ONLY if api == API_EC2 else ()):
+        if option in fields:
+            builder.problem(WARNING, f"ignored: not an option of api = {api}", value=builder.at(option))
+            del fields[option]
+    if not machinetypes and not pipes:
+        builder.problem(ERROR, "a space needs at least one [machinetype SPACE NAME] or [vacuum_pipe SPACE PREFIX]")
+    if api == API_EC2:
+        for name, machinetype in machinetypes.items():
+            if not (machinetype.machinetype.root_image or "").startswith("image:"):
+                builder.problem(ERROR, f"machinetype {name}: EC2 needs root_image = image:AMI-ID")
+            if not (machinetype.flavor_names or fields.get("flavor_names")):
+                builder.problem(ERROR, f"machinetype {name}: EC2 needs flavor_names (instance types)")
+    if builder.failed:
+        return None
+    for checked_only in ("api_version", "glance_api"):  # only Keystone v3 and Glance v2 are used
+        fields.pop(checked_only, None)
+    if "password_base64" in fields:
+        fields["password"] = fields.pop("password_base64")
+    vacconfig._record_defaults(Space, section.label, sources, skip=("name", "machinetypes", "vacuum_pipes"))
+    return Space(name=section.space, machinetypes=machinetypes, vacuum_pipes=pipes, **fields)
+
+
+def _build_machinetype(section: _Section, problems: list[Problem], sources: dict,
+                       hostname: str) -> Optional[CloudMachinetype]:
+    values = dict(section.values)
+    if "max_processors" not in values:
+        values["max_processors"] = vacconfig._Value(str(UNBOUNDED_PROCESSORS), "default", 0, "max_processors")
+    vac_section = dataclasses.replace(section, values=values)
+    for required in ("backoff_seconds", "fizzle_seconds"):  # required by classic vcycle
+        if required not in values:
+            problems.append(Problem(ERROR, "required option not set", section.file, section.line,
+                                    section.label, required))
+    settings = Settings(vac_space=section.space, factory_name=hostname, state_dir=STATE_DIR)
+    machinetype = vacconfig._build_machinetype(vac_section, settings, problems, sources, require_images=True)
+    builder = vacconfig._Builder(section, problems, sources)
+    fields = builder.convert(CLOUD_MACHINETYPE_OPTIONS, vacconfig._field_defaults(CloudMachinetype))
+    if machinetype is None or builder.failed or any(p.is_error and p.section == section.label for p in problems):
+        return None
+    path = f"{STATE_DIR}/spaces/{section.space}/machinetypes/{section.name}"
+    return CloudMachinetype(dataclasses.replace(machinetype, machinetype_path=path), **fields)
+
+
+def load_vcycle_config(paths: Optional[ConfigPaths] = None, *,
+                       hostname: str = "localhost.localdomain") -> tuple[Optional[VcycleConfig], list[Problem]]:
+    """Read and check vcycle's configuration; the VcycleConfig is None if any problem is an error."""
+    paths = paths or ConfigPaths(DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF, ())
+    problems: list[Problem] = []
+    files = vacconfig._files_to_read(paths, problems)
+    parsed = []
+    for path, may_be_missing in files:
+        text = vacconfig._read_file(path, problems, may_be_missing=may_be_missing)
+        if text is not None:
+            parsed.append((path, vacconfig._parse_ini(text, path, problems)))
+    sections = _merge(parsed, problems)
+    sources: dict = {}
+    machinetypes: dict[str, dict] = {}
+    pipes: dict[str, dict] = {}
+    for (kind, space, name), section in sorted(sections.items()):
+        if ("space", space, "") not in sections and kind != "space":
+            problems.append(Problem(ERROR, f"no [space {space}] section", section.file, section.line, section.label))
+            continue
+        if kind == "machinetype":
+            built = _build_machinetype(section, problems, sources, hostname)
+            if built is not None:
+                machinetypes.setdefault(space, {})[name] = built
+        elif kind == "vacuum_pipe":
+            pipe = vacconfig._build_pipe(section, problems, sources)
+            if pipe is not None:
+                pipes.setdefault(space, {})[name] = pipe
+    spaces = {}
+    for (kind, space, _), section in sorted(sections.items()):
+        if kind == "space":
+            built_space = _build_space(section, machinetypes.get(space, {}), pipes.get(space, {}), problems, sources)
+            if built_space is not None:
+                spaces[space] = built_space
+    if not sections:
+        read = ", ".join(path for path, _ in parsed) or "no files"
+        problems.append(Problem(ERROR, f"no [space NAME] section (read: {read}; also looked in {paths.conf_dir})"))
+    order = {path: index for index, (path, _) in enumerate(files)}
+    problems.sort(key=lambda p: (order.get(p.file, len(order)) if p.file else len(order) + 1, p.line or 0))
+    if any(problem.is_error for problem in problems):
+        return None, problems
+    return VcycleConfig(spaces, sources), problems
+
+
+def format_vcycle_config(config: VcycleConfig) -> str:
+    """The effective configuration as classic INI text, each value followed by its source.
+    Secrets are shown as ``(set)``."""
+    lines = ["# Effective vcycle configuration. After each value: the file:line that set it, or default."]
+    secret = {"password", "cred_secret", "secret_key"}
+
+    def section(label: str, items: list) -> None:
+        lines.append("")
+        lines.append(f"[{label}]")
+        for option, value in items:
+            if option in secret and value is not None:
+                value = "(set)"
+            text = "" if value is None else " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            source = config.sources.get((label, "password_base64" if option == "password" else option), "default")
+            lines.append(f"{option} = {text}".ljust(50) + f" ; {source}")
+
+    for space in config.spaces.values():
+        section(f"space {space.name}", [(f.name, getattr(space, f.name)) for f in dataclasses.fields(space)
+                                        if f.name not in ("name", "machinetypes", "vacuum_pipes")])
+        for name, cloud_type in space.machinetypes.items():
+            items = [(f.name, getattr(cloud_type.machinetype, f.name)) for f in dataclasses.fields(Machinetype)
+                     if f.name not in ("name", "machinetype_path", "user_data_options", "user_data_files")]
+            items += [(f"user_data_option_{k}", v) for k, v in cloud_type.machinetype.user_data_options]
+            items += [(f"user_data_file_{k}", v) for k, v in cloud_type.machinetype.user_data_files]
+            items += [(f.name, getattr(cloud_type, f.name)) for f in dataclasses.fields(CloudMachinetype)
+                      if f.name != "machinetype"]
+            section(f"machinetype {space.name} {name}", items)
+        for prefix, pipe in space.vacuum_pipes.items():
+            section(f"vacuum_pipe {space.name} {prefix}",
+                    [("vacuum_pipe_url", pipe.vacuum_pipe_url), ("target_share", pipe.target_share), *pipe.defaults])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,58 @@
+"""The ``vcycle`` command: vcycle's configuration (and, later, its status tables).
+
+Output goes to stdout; problems to stderr as ``level: FILE:LINE: [SECTION] OPTION: MESSAGE``;
+the exit status is 1 on any configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from typing import Optional
+
+from vac import __version__
+from vac.core.config import ConfigPaths
+from vac.core.vcycleconfig import (
+    DEFAULT_CONF_DIR,
+    DEFAULT_MAIN_CONF,
+    format_vcycle_config,
+    load_vcycle_config,
+)
+
+
+def cmd_conf(args: argparse.Namespace) -> int:
+    """Print the effective configuration with the file:line of each value (secrets hidden).
+
+    With --check print only the problems.
+    """
+    paths = ConfigPaths(conf_dir=args.conf_dir, main_conf=args.conf, run_confs=())
+    config, problems = load_vcycle_config(paths, hostname=socket.getfqdn())
+    for problem in problems:
+        print(f"{problem.level}: {problem}", file=sys.stderr)
+    if config is None:
+        return 1
+    if not args.check:
+        print(format_vcycle_config(config), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vcycle", description="vcycle: the vacuum model on cloud tenancies")
+    parser.add_argument("--version", action="version", version=f"vcycle {__version__}")
+    parser.add_argument("--conf-dir", default=DEFAULT_CONF_DIR, help="fragment directory (default %(default)s)")
+    parser.add_argument("--conf", default=DEFAULT_MAIN_CONF, help="main file (default %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    conf = commands.add_parser("conf", help="show the effective configuration and where each value was set")
+    conf.add_argument("--check", action="store_true", help="print only problems; exit status 1 on any error")
+    conf.set_defaults(func=cmd_conf)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
