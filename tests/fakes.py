@@ -78,6 +78,12 @@ class FakeWorks:
         domain = self.domains.get(uuid)
         return domain is not None and domain.active
 
+    def cpu_seconds(self, uuid):
+        """The domain's CPU time, also after it stopped (a kept final reading); None once it
+        is forgotten (``vanish``: it ended while vacd could not read it)."""
+        domain = self.domains.get(uuid)
+        return None if domain is None else domain.cpu_seconds
+
     def create(self, machine, machinetype, settings):
         self.calls.append(("create", machine.name, machinetype.name, machine.processors))
         self.store.create_machine_dir(machine)
@@ -100,7 +106,7 @@ class FakeWorks:
         self.calls.append(("lower_deadline", machine.name, machine.deadline))
 
     def account(self, settings, machinetype, machine, end):
-        self.calls.append(("account", machine.uuid, end))
+        self.calls.append(("account", machine.uuid, end, machine.cpu_seconds))
         if self.fail_accounts:
             self.fail_accounts -= 1
             raise OSError(28, "No space left on device")
@@ -114,6 +120,10 @@ class FakeWorks:
         self.domains[uuid].active = False
         if notify:
             self.on_stopped(uuid)
+
+    def vanish(self, uuid):
+        """The domain ends and disappears without vacd hearing of it or reading its CPU."""
+        del self.domains[uuid]
 
     def named(self, call):
         return [entry for entry in self.calls if entry[0] == call]

@@ -103,7 +103,7 @@ def test_fills_free_processors_and_refills_a_slot_after_poweroff(tmp_path, clock
         first = next(m for m in factory.machines.values() if m.slot == 0)
         clock.advance(120)
         await power_off(factory, works, first.uuid)
-        assert works.named("account") == [("account", first.uuid, clock.now)]
+        assert works.named("account") == [("account", first.uuid, clock.now, 0.0)]
         assert ("release", first.name) in works.calls
         record = json.loads((factory.store.machine_dir(first) / "machine.json").read_text())
         assert record["machine"]["state"] == "finished"
@@ -426,3 +426,146 @@ def test_metrics_count_creations_backoffs_and_queries(tmp_path, clock):
         await factory.shutdown()
 
     run(scenario())
+
+
+# -- CPU time up to the end, deadlines on time, configuration at the next plan ----------------
+
+
+async def sample_once(factory, monkeypatch):
+    """Run the CPU sampler for one round (its period shortened), then stop it."""
+    from vac.daemon import vacd
+
+    monkeypatch.setattr(vacd, "CPU_SAMPLE_SECONDS", 0.01)
+    before = {uuid: m.heartbeat for uuid, m in factory.machines.items()}
+    task = asyncio.get_running_loop().create_task(factory.sample_cpu())
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if any(m.heartbeat != before.get(uuid) for uuid, m in factory.machines.items()):
+                break
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("at_end", "accounted"), [(95.0, 95.0), (0.0, 30.0)])
+def test_cpu_time_is_read_at_the_end_and_never_goes_down(tmp_path, clock, at_end, accounted):
+    """The reading at the guest's poweroff counts; one that comes back short (libvirt says 0
+    once QEMU is gone) does not lower the earlier readings."""
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1)
+        machine = next(iter(factory.machines.values()))
+        works.domains[machine.uuid].cpu_seconds = 30.0
+        clock.advance(60)
+        await cycle(factory)  # the reconcile reads 30 s
+        assert factory.machines[machine.uuid].cpu_seconds == 30.0
+        works.domains[machine.uuid].cpu_seconds = at_end
+        clock.advance(60)
+        await power_off(factory, works, machine.uuid)
+        assert works.named("account") == [("account", machine.uuid, clock.now, accounted)]
+        record = json.loads((factory.store.machine_dir(machine) / "machine.json").read_text())
+        assert record["machine"]["cpu_seconds"] == accounted
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_cpu_is_sampled_between_cycles_and_persisted(tmp_path, clock, monkeypatch):
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1)
+        machine = next(iter(factory.machines.values()))
+        works.domains[machine.uuid].cpu_seconds = 12.5
+        clock.advance(10)
+        await sample_once(factory, monkeypatch)
+        sampled = factory.machines[machine.uuid]
+        assert (sampled.cpu_seconds, sampled.cpu_percentage, sampled.heartbeat) == \
+            (12.5, 125.0, clock.now)
+        record = json.loads((factory.store.machine_dir(machine) / "machine.json").read_text())
+        assert record["machine"]["cpu_seconds"] == 12.5
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_a_machine_that_ended_unseen_keeps_its_last_reading_and_the_log_says_so(
+        tmp_path, clock, monkeypatch, caplog):
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1)
+        machine = next(iter(factory.machines.values()))
+        works.domains[machine.uuid].cpu_seconds = 20.0
+        clock.advance(100)
+        await sample_once(factory, monkeypatch)
+        works.vanish(machine.uuid)  # e.g. while libvirtd restarted: no event, no final reading
+        clock.advance(30)
+        await cycle(factory)
+        assert [call[3] for call in works.named("account")] == [20.0]
+        assert ("no CPU reading at its end (it ended while vacd could not see it): CPU time "
+                "20 s is its last reading") in caplog.text
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_the_next_deadline_arms_one_timer_that_wakes_the_cycle(tmp_path, clock):
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1)
+        machine = next(iter(factory.machines.values()))
+        loop = asyncio.get_running_loop()
+        assert factory.wake_timer.when() - loop.time() == pytest.approx(3600, abs=1)
+        clock.advance(3600 - 0.05)  # 50 ms before its deadline
+        await cycle(factory, reconcile=False)
+        assert ("shutdown", machine.uuid) not in works.calls
+        await asyncio.wait_for(factory.wake.wait(), 10)  # the timer, nothing else, sets it
+        clock.advance(0.06)
+        await cycle(factory, reconcile=False)
+        assert ("shutdown", machine.uuid) in works.calls
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_no_timer_while_nothing_is_due(tmp_path, clock):
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1, extra="draining = yes")
+        assert works.named("create") == [] and factory.wake_timer is None
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_a_changed_configuration_file_applies_to_the_next_plan(tmp_path, clock):
+    """No SIGHUP, no reconcile: the next plan after an edit sees it."""
+    async def scenario():
+        factory, works = await started(tmp_path, clock, processors=1)
+        machine = next(iter(factory.machines.values()))
+        (tmp_path / "run.conf").write_text("[settings]\ndraining = yes\n")
+        clock.advance(120)
+        await power_off(factory, works, machine.uuid)  # cycles without reconcile
+        assert factory.config.settings.draining
+        assert len(works.named("create")) == 1, "draining: the freed slot stays empty"
+        await factory.shutdown()
+
+    run(scenario())
+
+
+def test_config_stamp_sees_edits_new_and_removed_files(tmp_path):
+    import os
+
+    from vac.daemon.vacd import config_stamp
+
+    paths = write_config(tmp_path)
+    fragment = tmp_path / "vac.d" / "10-test.conf"
+    stamp = config_stamp(paths)
+    assert config_stamp(paths) == stamp
+    text = fragment.read_text()
+    fragment.write_text(text.replace("total_processors = 2", "total_processors = 1"))
+    info = fragment.stat()
+    os.utime(fragment, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))  # same size
+    edited = config_stamp(paths)
+    assert edited != stamp
+    (tmp_path / "vac.d" / "20-more.conf").write_text("[settings]\n")
+    added = config_stamp(paths)
+    assert added != edited
+    (tmp_path / "vac.d" / "20-more.conf").unlink()
+    (tmp_path / "run.conf").write_text("[settings]\ndraining = yes\n")
+    assert config_stamp(paths) not in (stamp, edited, added)

@@ -130,6 +130,19 @@ class Machine:
     def replace(self, **changes) -> Machine:
         return dataclasses.replace(self, **changes)
 
+    def with_cpu_reading(self, seconds: float, now: float) -> Machine:
+        """This running machine after a reading of its CPU time at ``now``.
+
+        CPU time is the maximum of all readings: a reading of a dying domain can come back short
+        or as 0 (libvirt fakes 0 once QEMU's /proc entry is gone). ``cpu_percentage`` is the CPU
+        used since the previous reading, whose time ``heartbeat`` records (classic: last seen
+        running).
+        """
+        cpu = max(self.cpu_seconds, seconds)
+        elapsed = now - self.heartbeat if self.heartbeat is not None else 0.0
+        percentage = 100.0 * (cpu - self.cpu_seconds) / elapsed if elapsed > 0 else 0.0
+        return self.replace(cpu_seconds=cpu, cpu_percentage=percentage, heartbeat=now)
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["state"] = self.state.value

@@ -7,10 +7,12 @@ so the daemon's cycle is tested without libvirt; this module itself is tested ag
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from vac.backends.vm import disks, hypervisor
 from vac.content import imagecache, userdata
@@ -21,6 +23,11 @@ from vac.records.store import Store
 from vac.services import metadata
 
 log = logging.getLogger(__name__)
+
+# Final CPU readings wait here from the machine's end until its finish step releases it; the
+# bound only matters for domains vacd never finishes (foreign ones, zombies).
+FINAL_READINGS_KEPT = 4096
+
 
 class MachineWorks:
     """Creates, stops, lists and cleans up machines with libvirt, disks and the store."""
@@ -33,11 +40,16 @@ class MachineWorks:
         self.on_reconnected = on_reconnected
         self.hypervisor = hypervisor.Hypervisor(settings.libvirt_uri, self._on_event)
         self.images = None
+        self._final_lock = threading.Lock()
+        self._final_cpu: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def _on_event(self, event: hypervisor.DomainEvent) -> None:
         """On libvirt's event thread: only hand the news over to the loop."""
         # SHUTDOWN: the guest has powered off; libvirt's teardown (STOPPED) takes seconds more,
-        # and the slot's next machine need not wait for it (domain names are unique).
+        # and the slot's next machine need not wait for it (domain names are unique). The
+        # event carries the CPU time read at that moment: kept before the loop hears of it.
+        if event.kind is hypervisor.EventKind.SHUTDOWN and event.cpu_seconds is not None:
+            self._keep_final_cpu(event.uuid, event.cpu_seconds)
         if event.stopped or event.kind is hypervisor.EventKind.SHUTDOWN:
             self.on_stopped(event.uuid)
         elif event.kind is hypervisor.EventKind.RECONNECTED:
@@ -65,7 +77,34 @@ class MachineWorks:
         self.hypervisor.shutdown(uuid)
 
     def destroy(self, uuid: str) -> None:
+        """Power the domain off at once, after a last reading of its CPU time."""
+        try:
+            reading = self.hypervisor.cpu_seconds(uuid)
+        except hypervisor.HypervisorError as error:
+            log.debug("no CPU reading of %s before destroying it: %s", uuid, error)
+            reading = None
         self.hypervisor.destroy(uuid)
+        if reading is not None:  # final only once the domain is really gone
+            self._keep_final_cpu(uuid, reading)
+
+    # -- CPU time ----------------------------------------------------------------------------
+
+    def cpu_seconds(self, uuid: str) -> Optional[float]:
+        """CPU time the machine used so far, or in total once it ended (read at the guest's
+        poweroff or just before a destroy); None if it is gone with no such reading.
+        HypervisorError if libvirt cannot be asked."""
+        with self._final_lock:
+            final = self._final_cpu.get(uuid)
+        if final is not None:
+            return final
+        return self.hypervisor.cpu_seconds(uuid)
+
+    def _keep_final_cpu(self, uuid: str, seconds: float) -> None:
+        with self._final_lock:
+            # Several readings of an ending machine (SHUTDOWN, then destroy): keep the largest.
+            self._final_cpu[uuid] = max(seconds, self._final_cpu.pop(uuid, 0.0))
+            while len(self._final_cpu) > FINAL_READINGS_KEPT:
+                self._final_cpu.popitem(last=False)
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -135,3 +174,5 @@ class MachineWorks:
     def release(self, machine: Machine, settings: Settings) -> None:
         """Remove the machine's disks (files, and its logical volume if any). Idempotent."""
         disks.release_disks(settings, machine, str(self.store.machine_dir(machine) / "disks"))
+        with self._final_lock:
+            self._final_cpu.pop(machine.uuid, None)  # accounted by now: never asked again

@@ -1,9 +1,13 @@
 """vacd: the factory daemon. One asyncio process wiring the pure planner to the adapters.
 
-The loop: every relevant event (a domain stopped, a creation finished, SIGHUP) and every
-``reconcile_seconds`` run one *cycle*: reload configuration, reconcile the model with libvirt,
-finish machines that ended, plan, apply the plan. Blocking work (libvirt, disks, template and
-image downloads) runs in a small thread pool so the responder and HTTP services never stall.
+The loop: every relevant event (a domain stopped, a creation finished, SIGHUP), the moment
+the last plan said a decision falls due (``Plan.wake_at``: a deadline, a heartbeat, the end of a
+backoff) and every ``reconcile_seconds`` run one *cycle*: reload the configuration if a file
+changed, reconcile the model with libvirt (on the reconcile tick), finish machines that ended,
+plan, apply the plan. Between cycles, the CPU time of running machines is read every
+``CPU_SAMPLE_SECONDS`` (and once more at their end), so accounting loses at most that much.
+Blocking work (libvirt, disks, template and image downloads) runs in a small thread pool so the
+responder and HTTP services never stall.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import signal
@@ -24,7 +29,7 @@ from typing import Callable, Optional
 
 from vac import __version__
 from vac.backends.vm.disks import DiskError
-from vac.backends.vm.hypervisor import DomainState, HypervisorError
+from vac.backends.vm.hypervisor import DomainState, HypervisorError, NotConnectedError
 from vac.cli.main import add_config_arguments
 from vac.core import config as configmod
 from vac.core import scheduler
@@ -46,11 +51,17 @@ ZOMBIE_STATES = (DomainState.RUNNING, DomainState.BLOCKED, DomainState.PAUSED,
                  DomainState.PMSUSPENDED, DomainState.NOSTATE)
 LV_RELEASE_WAIT_SECONDS = 120.0
 FINISH_RETRY_SECONDS = 30.0
+# CPU time is read this often between the readings at a machine's start and end: what a machine
+# vacd cannot read at its end (vacd down, libvirtd restarting) loses from its accounting.
+CPU_SAMPLE_SECONDS = 5.0
+# Planning decisions compare with ">": wake this long after the moment a decision falls due.
+WAKE_SLACK_SECONDS = 0.01
 EXPIRY_INTERVAL_SECONDS = 3600.0
 DEFAULT_MACHINES_DIR_DAYS = 3.0  # for machinetypes no longer configured (classic)
 # VMs may talk to the services while they exist: from creation (user_data is written before the
 # domain starts) until they are finished.
 SERVED_STATES = (MachineState.CREATING, MachineState.RUNNING, MachineState.STOPPING)
+SAMPLED_STATES = (MachineState.RUNNING, MachineState.STOPPING)  # their CPU time grows
 
 
 class _ClosingService:
@@ -120,6 +131,8 @@ class Factory:
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.reload_requested = False
+        self.config_stamp: Optional[tuple] = None  # config_stamp() of the files last loaded
+        self.wake_timer: Optional[asyncio.TimerHandle] = None
         self.reconcile_requested = False
         self.last_notes: set[str] = set()
         self.finish_retry_at: dict[str, float] = {}
@@ -144,6 +157,7 @@ class Factory:
 
     def load_config(self) -> bool:
         """(Re)load configuration; on errors keep the previous one. True if a config is usable."""
+        self.config_stamp = config_stamp(self.paths)  # before reading: a change during it counts
         config, problems = configmod.load_config(self.paths, processor_count=self.processor_count)
         for problem in problems:
             (log.error if problem.level == "error" else log.warning)("%s", problem)
@@ -192,6 +206,10 @@ class Factory:
         self.store.save(machine)
         return machine
 
+    def store_reading(self, machine: Machine, cpu_seconds: float, now: float) -> None:
+        """Record a CPU reading of a running machine (and that it was seen running now)."""
+        self.update(machine.with_cpu_reading(cpu_seconds, now))
+
     def machine_in_slot(self, slot: int) -> Optional[Machine]:
         for machine in self.machines.values():
             if machine.slot == slot:
@@ -204,7 +222,7 @@ class Factory:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     async def cycle(self, reconcile: bool) -> None:
-        if self.reload_requested or reconcile:
+        if self.reload_requested or reconcile or config_stamp(self.paths) != self.config_stamp:
             self.reload_requested = False
             self.load_config()
         now = self.clock()
@@ -242,11 +260,7 @@ class Factory:
                     self.update(machine, state=MachineState.FINISHING,
                                 finished=self.estimated_end(machine, now))
                 else:
-                    cpu = domain.cpu_seconds
-                    elapsed = now - (machine.heartbeat or now)
-                    percentage = 100.0 * (cpu - machine.cpu_seconds) / elapsed if elapsed > 0 else 0.0
-                    self.update(machine, heartbeat=now, cpu_seconds=cpu,
-                                cpu_percentage=max(0.0, percentage))
+                    self.store_reading(machine, domain.cpu_seconds, now)
             elif machine.state is MachineState.CREATING:
                 # Only reached after a restart: creation is never in flight across one.
                 if domain is not None and domain.active:
@@ -300,6 +314,8 @@ class Factory:
             host=host, reports=reports, heartbeat_mtimes=heartbeat_mtimes, now=now,
             daemon_started=self.started)
         plan = scheduler.plan(snapshot, self.rng)
+        retries = [when for when in self.finish_retry_at.values() if when >= now]
+        self.wake_at(min([*retries, plan.wake_at or math.inf]), now)
         # Notes repeat every cycle while a condition lasts: log each when it starts to hold.
         notes = set(plan.notes)
         for note in plan.notes:
@@ -310,6 +326,17 @@ class Factory:
             self.count_backoffs(config, reports, now)
         for action in plan.actions:
             self.apply(action, now)
+
+    def wake_at(self, when: float, now: float) -> None:
+        """Run a cycle just after ``when`` (wall clock; infinite: no timer). One timer, re-armed
+        by every plan, so nothing runs while nothing is due."""
+        if self.wake_timer is not None:
+            self.wake_timer.cancel()
+            self.wake_timer = None
+        if when < math.inf:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, when - now) + WAKE_SLACK_SECONDS
+            self.wake_timer = loop.call_at(loop.time() + delay, self.wake.set)
 
     def count_backoffs(self, config: configmod.Config, reports: tuple, now: float) -> None:
         """Count each machinetype's entries into backoff (for metrics only: it costs a second
@@ -449,6 +476,8 @@ class Factory:
 
     async def finish(self, machine: Machine) -> None:
         """Account, record the finish, release disks and the slot. Every step idempotent."""
+        if machine.started is not None and not machine.accounted:
+            machine = await self.read_final_cpu(machine)
         settings = self.config.settings
         machinetype = self.config.machinetypes.get(machine.machinetype)
         now = self.clock()
@@ -484,6 +513,47 @@ class Factory:
             status = vacquery.MachineStatus.from_machine(settings.factory_name, finished)
             message = vacquery.vacmon_finish_message(settings, status, self.num_slots())
             self.spawn(vacquery.send_vacmon(settings, [message]), None)
+
+    async def read_final_cpu(self, machine: Machine) -> Machine:
+        """The machine with its CPU time up to its end: the reading taken at the guest's poweroff
+        or before a destroy (or now, while libvirt still shows the domain). A machine that ended
+        unseen (vacd down, libvirtd restarting) keeps its last periodic reading; the log says so."""
+        try:
+            reading = await self.run_blocking(self.works.cpu_seconds, machine.uuid)
+        except HypervisorError as error:
+            reading, why = None, f"libvirt cannot tell: {error}"
+        else:
+            why = "it ended while vacd could not see it"
+        if reading is not None:
+            if reading > machine.cpu_seconds:
+                machine = self.update(machine, cpu_seconds=reading)
+            return machine
+        end = machine.finished or self.clock()
+        last = machine.heartbeat or machine.started
+        log.warning("%s (%s): no CPU reading at its end (%s): CPU time %.0f s is its last reading, "
+                    "at %s, %.0f s before its end at %s", machine.name, machine.machinetype, why,
+                    machine.cpu_seconds, scheduler.clock(last), max(0.0, end - last),
+                    scheduler.clock(end))
+        return machine
+
+    async def sample_cpu(self) -> None:
+        """Read the CPU time of every running machine every CPU_SAMPLE_SECONDS, all in one job
+        of the thread pool (a few microseconds per domain for libvirtd)."""
+        while True:
+            await asyncio.sleep(CPU_SAMPLE_SECONDS)
+            sampled = [machine.uuid for machine in self.live() if machine.state in SAMPLED_STATES]
+            if not sampled:
+                continue
+            try:
+                readings = await self.run_blocking(read_cpu, self.works, sampled)
+            except Exception:
+                log.exception("internal error reading CPU times")
+                continue
+            now = self.clock()
+            for uuid, seconds in readings.items():
+                machine = self.machines.get(uuid)
+                if machine is not None and machine.state in SAMPLED_STATES:  # not ended meanwhile
+                    self.store_reading(machine, seconds, now)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -675,6 +745,7 @@ class Factory:
             return
         if interval:
             self.run_service(self.feed_watchdog(interval))
+        self.run_service(self.sample_cpu())
         next_reconcile = 0.0
         ready = False
         while not self.stopping.is_set():
@@ -683,6 +754,7 @@ class Factory:
             self.reconcile_requested = False
             if reconcile:
                 next_reconcile = monotonic + self.config.settings.reconcile_seconds
+            self.wake.clear()  # before the cycle: what happens during it wakes the next one
             try:
                 await self.cycle(reconcile)
             except Exception:
@@ -692,7 +764,6 @@ class Factory:
                 self.notifier.ready()
                 log.info("vacd %s ready: factory %s in space %s", __version__,
                          self.config.settings.factory_name, self.config.settings.vac_space)
-            self.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.05, next_reconcile - loop.time()))
         await self.shutdown()
@@ -717,6 +788,8 @@ class Factory:
     async def shutdown(self) -> None:
         if self.notifier is not None:
             self.notifier.stopping()
+        if self.wake_timer is not None:
+            self.wake_timer.cancel()
         for service in self.services:
             with contextlib.suppress(Exception):
                 await service.close()
@@ -727,6 +800,44 @@ class Factory:
             with contextlib.suppress(Exception):
                 await self.run_blocking(self.works.close)
         self.executor.shutdown(wait=False)
+
+
+def read_cpu(works: MachineWorks, uuids: list) -> dict:
+    """uuid -> CPU seconds of these machines (run in the thread pool). Machines that are gone are
+    left out: events and the reconcile handle their end."""
+    readings = {}
+    for uuid in uuids:
+        try:
+            seconds = works.cpu_seconds(uuid)
+        except NotConnectedError:
+            break  # libvirtd is away: the others cannot be read either
+        except HypervisorError as error:
+            log.debug("cannot read the CPU time of %s: %s", uuid, error)
+            continue
+        if seconds is not None:
+            readings[uuid] = seconds
+    return readings
+
+
+def config_stamp(paths: configmod.ConfigPaths) -> tuple:
+    """The configuration's files as they are now: device, inode, size, modification and change
+    time of the fragment directory, of every entry in it, and of the main and run-time files
+    (None where absent). An edit, a replacement, a new or a removed file changes it; a few
+    stat() calls cost microseconds, so vacd compares it before every plan."""
+    def stat(path: str) -> Optional[tuple]:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+    try:
+        entries = sorted(os.listdir(paths.conf_dir))
+    except OSError:
+        entries = []
+    files = [paths.conf_dir, *(os.path.join(paths.conf_dir, entry) for entry in entries),
+             paths.main_conf, *paths.run_confs]
+    return tuple((path, stat(path)) for path in files)
 
 
 def service_limits(settings: configmod.Settings):
