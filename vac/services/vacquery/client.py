@@ -426,11 +426,12 @@ class PeerReportCache:
         cancelled; a failed refresh is logged and retried at the next turn."""
         self._wake = asyncio.Event()
         while True:
+            # Cleared before the refresh: a request made during it (a reload) gets one more.
+            self._wake.clear()
             try:
                 await self.refresh()
             except Exception:
                 log.exception("peer report refresh failed")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(),
                                        self.refresh_seconds * random.uniform(0.9, 1.1))

@@ -6,7 +6,6 @@ and counted, with a rate-limited log line."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
@@ -129,7 +128,6 @@ class Responder:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._templates: dict = {}  # kind -> (snapshot, second, [(prefix, suffix)])
         self._refresh_task: Optional[asyncio.Task] = None
-        self._resolve_now: Optional[asyncio.Event] = None  # made on the loop, by the task
 
     # -- lifecycle
 
@@ -175,14 +173,13 @@ class Responder:
             addresses.update(found)
         self.factory_addresses = frozenset(addresses)
 
-    async def _refresh_factories(self) -> None:
-        """Resolve the space's factories every FACTORY_RESOLVE_SECONDS, and at once when a
-        reload has changed them."""
-        self._resolve_now = asyncio.Event()
+    async def _refresh_factories(self, now: bool = False) -> None:
+        """Resolve the space's factories every FACTORY_RESOLVE_SECONDS (first at once with
+        ``now``)."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._resolve_now.wait(), FACTORY_RESOLVE_SECONDS)
-            self._resolve_now.clear()
+            if not now:
+                await asyncio.sleep(FACTORY_RESOLVE_SECONDS)
+            now = False
             await self.resolve_factories()
 
     def reconfigure(self, settings: Settings, secret: Optional[bytes]) -> None:
@@ -192,8 +189,10 @@ class Responder:
         self.settings = settings
         self.authenticator.configure(secret, settings.vacquery_allow_unauthenticated)
         self._templates.clear()  # rendered with the old settings (space, site, ...)
-        if factories_changed and self._resolve_now is not None:
-            self._resolve_now.set()
+        if factories_changed and self._refresh_task is not None:
+            # Resolve the new list now (the amplification rule), then on the usual schedule.
+            self._refresh_task.cancel()
+            self._refresh_task = self._loop.create_task(self._refresh_factories(now=True))
 
     # -- receiving
 
