@@ -1,24 +1,20 @@
 """Packaging: the RPM built from this tree, the systemd units, tmpfiles, logrotate, Puppet module."""
 
 import configparser
-import os
 import re
 import shutil
 import stat
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
+from tests.packages import REPO, SPEC, build_rpms
 from vac import __version__
 from vac.records.store import SUBDIRECTORIES
 
-REPO = Path(__file__).resolve().parent.parent
-SPEC = REPO / "vac.spec"
 UNIT_DIR = REPO / "etc" / "systemd"
-UNITS = sorted(path.name for path in UNIT_DIR.iterdir())
-EXCLUDED_FROM_TARBALL = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "build", "dist", ".hypothesis"}
+UNITS = sorted(path.name for path in UNIT_DIR.iterdir() if path.suffix in (".service", ".timer"))
 
 
 def run(argv: list, **options) -> subprocess.CompletedProcess:
@@ -153,32 +149,11 @@ def test_puppet_templates_render_valid_fragments():
 
 # --- the RPM ------------------------------------------------------------------------------------
 
-def source_tarball(path: Path) -> None:
-    """vac-VERSION.tar.gz of the work tree, as a release tarball would be."""
-    def keep(info: tarfile.TarInfo):
-        parts = Path(info.name).parts
-        if any(part in EXCLUDED_FROM_TARBALL or part.endswith(".egg-info") for part in parts):
-            return None
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        return info
-
-    with tarfile.open(path, "w:gz") as tarball:
-        tarball.add(REPO, arcname=f"vac-{__version__}", filter=keep)
-
-
 @pytest.fixture(scope="module")
 def rpms(tmp_path_factory) -> dict:
     if shutil.which("rpmbuild") is None:
         pytest.skip("rpmbuild not installed")
-    topdir = tmp_path_factory.mktemp("rpmbuild")
-    (topdir / "SOURCES").mkdir()
-    source_tarball(topdir / "SOURCES" / f"vac-{__version__}.tar.gz")
-    # --nodeps: the build host is not EL, its rpm database knows no BuildRequires.
-    done = run(["rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {topdir}", str(SPEC)],
-               env={**os.environ, "LC_ALL": "C"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    built = {path.name.rsplit("-", 2)[0]: path for path in (topdir / "RPMS" / "noarch").glob("*.rpm")}
+    built = build_rpms(tmp_path_factory.mktemp("rpmbuild"))
     assert set(built) == {"vac", "vac-command"}, built
     return built
 
@@ -199,7 +174,7 @@ def test_rpm_metadata(rpms):
     assert fields["License"] == "BSD-2-Clause"
     requires = set(query(rpms["vac"], "--requires").split("\n"))
     for package in ("python3-libvirt", "python3-requests", "python3-pyOpenSSL", "python3-daemon",
-                    "python3-aiohttp", "libvirt", "qemu-kvm", "dnsmasq", f"vac-command = {__version__}-1"):
+                    "python3-aiohttp", "python3dist(prometheus-client)", "libvirt", "qemu-kvm", "dnsmasq", f"vac-command = {__version__}-1"):
         assert package in requires
     assert "apel-ssm" in query(rpms["vac"], "--recommends")
     assert "python3-cryptography" in query(rpms["vac-command"], "--requires")
@@ -211,6 +186,7 @@ def test_rpm_file_lists(rpms):
     for path in ["/usr/sbin/vacd", "/usr/sbin/check-vacd", "/etc/apel/vac-ssmsend-prod.cfg",
                  "/etc/logrotate.d/vac", "/etc/sysconfig/vacd", "/var/lib/vac", "/var/lib/vac/machines",
                  "/var/lib/vac/apel-outgoing", "/usr/share/vac/puppet/vac/manifests/init.pp",
+                 "/usr/lib/systemd/system-preset/50-vac.preset",
                  *(f"/usr/lib/systemd/system/{unit}" for unit in UNITS)]:
         assert path in daemon_files
     assert any(re.fullmatch(r"/usr/share/man/man8/vacd\.8(\.gz)?", path) for path in daemon_files)
