@@ -249,6 +249,30 @@ class Cgroups:
             except OSError as error:
                 raise CgroupError(f"cannot create cgroup {path} under {root}: {error}") from error
 
+    def set_limits(self, path: str, cpus: int, memory_bytes: int) -> None:
+        """Hard CPU (quota over the period) and memory limits on ``path``, made by ``create``.
+        On v2 the cpu and memory controllers are first enabled down the path from the root."""
+        layout = self.layout
+        try:
+            if layout.version == 1:
+                if layout.quota_root is not None:
+                    directory = self._join(layout.quota_root, path)
+                    period = int((directory / "cpu.cfs_period_us").read_text(encoding="ascii"))
+                    (directory / "cpu.cfs_quota_us").write_text(f"{cpus * period}\n", encoding="ascii")
+                if layout.memory_root is not None:
+                    (self._join(layout.memory_root, path) / "memory.limit_in_bytes").write_text(
+                        f"{memory_bytes}\n", encoding="ascii")
+                return
+            parts = path.strip("/").split("/")
+            for depth in range(len(parts)):
+                parent = self._join(layout.cpu_root, "/".join(parts[:depth]))
+                (parent / "cgroup.subtree_control").write_text("+cpu +memory\n", encoding="ascii")
+            directory = self._join(layout.cpu_root, path)
+            (directory / "cpu.max").write_text(f"{cpus * 100000} 100000\n", encoding="ascii")
+            (directory / "memory.max").write_text(f"{memory_bytes}\n", encoding="ascii")
+        except (OSError, ValueError) as error:
+            raise CgroupError(f"cannot set the limits of cgroup {path}: {error}") from error
+
     def add_process(self, path: str, pid: int) -> None:
         """Move ``pid`` into ``path`` in the accounting hierarchies."""
         for root in self.accounting_roots:
