@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ import pytest
 
 from vac.cli import main as cli
 from vac.core import config as configmod
+from vac.core import schema
 from vac.core.config import (
     DEPRECATED_OPTIONS,
     MACHINETYPE_OPTIONS,
@@ -936,3 +938,105 @@ def test_vac_conf_on_the_example_fragments(capsys):
     code = cli.main(["--conf-dir", str(REPO / "etc" / "vac.d"), "--conf", os.devnull + ".absent",
                      "--run-conf", str(run), "conf", "--check"])
     assert (code, capsys.readouterr()) == (0, ("", ""))
+
+
+# --- one schema for files and vacuum pipes --------------------------------------------------------
+
+
+def test_each_option_is_declared_once_and_pipes_use_the_same_schema():
+    from vac.content import pipes
+
+    assert MACHINETYPE_OPTIONS == {name: spec.convert for name, spec in schema.MACHINETYPE_SCHEMA.items()}
+    assert not hasattr(pipes, "OPTIONS")  # no second table
+    kinds = {name: spec.kind for name, spec in schema.MACHINETYPE_SCHEMA.items()}
+    assert (kinds["max_processors"], kinds["target_share"], kinds["legacy_proxy"], kinds["root_image"]) == (
+        "integer", "number", "boolean", "text")
+
+
+REMOTE_STRICTER = {"user_data"}  # the GOOD_MACHINETYPE value is a path under the files directory
+
+
+@pytest.mark.parametrize("option, text, expected, extra", with_extra(GOOD_MACHINETYPE), ids=[case[0] for case in GOOD_MACHINETYPE])
+def test_good_values_from_the_network_mean_what_they_mean_in_files(option, text, expected, extra):
+    spec = schema.MACHINETYPE_SCHEMA[option]
+    if not spec.remote_allowed:
+        with pytest.raises(KeyError):
+            schema.remote_option_value(option, text)
+    elif option in REMOTE_STRICTER:
+        with pytest.raises(ValueError):
+            schema.remote_option_value(option, text)
+    else:
+        assert schema.remote_option_value(option, text) == expected
+
+
+@pytest.mark.parametrize("option, text, message", BAD_MACHINETYPE, ids=[case[0] for case in BAD_MACHINETYPE])
+def test_what_files_refuse_the_network_refuses_too(option, text, message):
+    with pytest.raises((ValueError, KeyError)):
+        schema.remote_option_value(option, text)
+
+
+@pytest.mark.parametrize("option, text, message", [
+    ("root_image", "/var/lib/images/cernvm.iso", "URL must be http or https"),
+    ("root_image", "http://127.0.0.1/cernvm.iso", "local or link-local"),
+    ("user_data", "/etc/shadow", "URL must be http or https"),
+    ("heartbeat_file", ".hidden", "must be a plain file name"),
+    ("max_processors", "5000", "must be between 1 and 4096"),
+    ("max_wallclock_seconds", "100000001", "must be between 1 and 100000000"),
+    ("target_share", "1e12", "must be a number, not a string"),
+    ("accounting_fqan", "/lhcb" * 60, "longer than 256"),
+    ("image_signing_dn", "/CN=Jos\u00e9", "control or non-ASCII"),
+    ("disk_gb_per_processor", "0.0001", "must be between 0.001 and 100000"),
+    ("machine_model", "podman", "must be one of cernvm3, cernvm4, vm-raw"),
+])
+def test_the_remote_mode_is_stricter(option, text, message):
+    text = text.encode().decode("unicode_escape")
+    MACHINETYPE_OPTIONS[option](text)  # fine in a configuration file
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schema.remote_option_value(option, text)
+
+
+@pytest.mark.parametrize("option, text", [
+    ("max_wallclock_seconds", "0"),  # pipes allowed 0; files never did
+    ("root_device", "v" * 17),  # files allowed any length; pipes at most 16
+    ("cvmfs_repositories", "a" * 129),  # likewise at most 128
+    ("accounting_fqan", "/lhcb/Role=x;y"),  # files allowed any non-blank text after a /
+])
+def test_disagreements_between_files_and_pipes_are_settled_on_the_stricter_rule(option, text):
+    with pytest.raises(ValueError):
+        MACHINETYPE_OPTIONS[option](text)
+    with pytest.raises(ValueError):
+        schema.remote_option_value(option, text)
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("max_processors", 4, 4), ("max_processors", 4.0, 4), ("max_processors", " 4 ", 4),
+    ("target_share", 2, 2.0), ("target_share", "2.5", 2.5),
+    ("user_data_proxy", True, True), ("user_data_proxy", "yes", True), ("legacy_proxy", False, False),
+])
+def test_json_values_of_the_right_type(option, value, expected):
+    assert schema.remote_option_value(option, value) == expected
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("max_processors", True, "must be an integer, not a boolean"),
+    ("max_processors", 2.5, "must be an integer, not 2.5"),
+    ("max_processors", "lots", "must be an integer, not a string"),
+    ("target_share", [1], "must be a number, not an array"),
+    ("user_data_proxy", 1, "must be true or false, not an integer"),
+    ("root_image", 42, "must be a string, not an integer"),
+    ("root_image", "x" * 70000, "is longer than 65536 characters"),
+])
+def test_json_values_of_the_wrong_type(option, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schema.remote_option_value(option, value)
+
+
+def test_option_families_from_the_network():
+    assert schema.remote_pair_value("user_data_option_", "queue", "default") == "default"
+    with pytest.raises(ValueError, match="contains a NUL character"):
+        schema.remote_pair_value("user_data_option_", "queue", "a\0b")
+    with pytest.raises(ValueError, match="must be a plain file name"):
+        schema.remote_pair_value("user_data_file_", "hostkey", "/etc/grid-security/hostkey.pem")
+    with pytest.raises(ValueError, match="followed by a-z, 0-9 or _"):
+        schema.remote_pair_value("user_data_option_", "x" * 65, "v")
+

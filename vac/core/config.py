@@ -20,6 +20,10 @@ Interface used by every other module:
 * ``build_machinetype(name, options, settings, origin=...)``: one machinetype from raw option
   strings, checked exactly like a ``[machinetype]`` section.
 
+The options themselves (type, default, converter, and the stricter checks of values from the
+network) are declared once, as the fields of ``Settings``, ``Machinetype`` and ``VacuumPipe`` in
+vac.core.schema; their names are re-exported here.
+
 Parsing follows the classic Python 2 ``RawConfigParser`` the existing files were written for:
 ``name = value`` or ``name: value``, names and section names case-insensitive, ``#``/``;``
 comment lines, `` ;`` inline comments, indented continuation lines, ``""`` for an empty value.
@@ -31,179 +35,53 @@ import dataclasses
 import difflib
 import functools
 import ipaddress
-import math
 import os
 import re
-import shlex
 import socket
-import urllib.parse
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+
+from vac.core.schema import (
+    APPTAINER_MODELS,
+    CONTAINER_MODELS,
+    DNS_NAME,
+    ENGINE_MODELS,
+    MACHINE_MODELS,
+    MACHINETYPE_OPTIONS,
+    MACHINETYPE_PREFIXES,
+    OPTION_SUFFIX,
+    PIPE_OPTIONS,
+    SECTION_NAME,
+    SETTINGS_OPTIONS,
+    SETTINGS_PREFIXES,
+    Config,
+    Converter,
+    FactoryAddress,
+    Machinetype,
+    Settings,
+    VacuumPipe,
+    WithWarning,
+    parse_port,
+)
+
+# The schema's names are this module's public interface too (most modules import them here).
+__all__ = [
+    "APPTAINER_MODELS", "CONTAINER_MODELS", "DEFAULT_CONF_DIR", "DEFAULT_MAIN_CONF", "DEFAULT_RUN_CONFS",
+    "DEPRECATED_OPTIONS", "ENGINE_MODELS", "ERROR", "MACHINE_MODELS", "MACHINETYPE_OPTIONS",
+    "MACHINETYPE_PREFIXES", "MAX_FILE_BYTES", "OBSOLETE_OPTIONS", "PIPE_OPTIONS", "SETTINGS_OPTIONS",
+    "SETTINGS_PREFIXES", "WARNING", "Config", "ConfigError", "ConfigPaths", "FactoryAddress", "Machinetype",
+    "Problem", "Settings", "VacuumPipe", "build_machinetype", "format_effective_config", "load_config",
+    "load_config_or_raise",
+]
 
 DEFAULT_CONF_DIR = "/etc/vac.d"
 DEFAULT_MAIN_CONF = "/etc/vac.conf"
 DEFAULT_RUN_CONFS = ("/run/vac.conf", "/var/run/vac.conf")
 
-MACHINE_MODELS = ("cernvm3", "cernvm4", "vm-raw")
-ENGINE_MODELS = ("docker", "podman")  # run by container_engine (podman or docker)
-APPTAINER_MODELS = ("singularity", "apptainer")  # run by apptainer (or singularity)
-CONTAINER_MODELS = ENGINE_MODELS + APPTAINER_MODELS
-
 ERROR = "error"
 WARNING = "warning"
 
 MAX_FILE_BYTES = 1024 * 1024  # far above any real configuration file
-
-
-@dataclasses.dataclass(frozen=True)
-class FactoryAddress:
-    """One entry of ``factories``: ``name`` or ``name@address[:port]``."""
-
-    name: str
-    address: Optional[str] = None  # None: resolve ``name`` (DNS)
-    port: Optional[int] = None  # None: the space's ``vacquery_port``
-
-    def __str__(self) -> str:
-        if self.address is None:
-            return self.name
-        address = self.address
-        if self.port is None:
-            return f"{self.name}@{address}"
-        if ":" in address:
-            address = f"[{address}]"
-        return f"{self.name}@{address}:{self.port}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The ``[settings]`` section. Defaults are the classic ones (REFERENCE.md §1.2)."""
-
-    vac_space: str
-    factory_name: str  # default: the host's FQDN; must contain a dot
-    description: Optional[str] = None
-    factories: tuple[FactoryAddress, ...] = ()
-    udp_timeout_seconds: float = 10.0
-    mb_per_processor: int = 2048
-    hs06_per_processor: Optional[float] = None
-    processors_per_superslot: int = 1
-    total_processors: Optional[int] = None  # load_config fills in the host's logical processors
-    overload_per_processor: float = 1.25
-    shutdown_time: Optional[int] = None
-    draining: bool = False
-    gocdb_sitename: Optional[str] = None
-    gocdb_cert_file: Optional[str] = None
-    gocdb_key_file: Optional[str] = None
-    version_logger: int = 0  # classic default 1 (phone-home); ours is off by default
-    vacmon_hostport: tuple[str, ...] = ()
-    volume_group: Optional[str] = None
-    disk_gb_per_processor: Optional[float] = None
-    root_public_key: str = "/root/.ssh/id_rsa.pub"
-    fix_networking: bool = True
-    forward_dev: Optional[str] = None
-    # (XXX, value) pairs sorted by XXX, from the options named machinefeatures_option_XXX etc.
-    machinefeatures_options: tuple[tuple[str, str], ...] = ()
-    user_data_options: tuple[tuple[str, str], ...] = ()
-    user_data_files: tuple[tuple[str, str], ...] = ()
-    # New settings: classic values as defaults, every path overridable.
-    state_dir: str = "/var/lib/vac"
-    libvirt_uri: str = "qemu:///system"
-    domain_type: str = "kvm"
-    vacquery_port: int = 995
-    vacquery_address: str = ""  # "" = all interfaces
-    vacquery_secret_file: Optional[str] = None
-    vacquery_allow_unauthenticated: bool = True
-    metadata_address: str = "169.254.169.254"
-    mjf_address: str = "169.254.169.253"
-    http_port: int = 80
-    network_name: str = "vac_169.254.0.0"
-    network_forward: str = "nat"  # "nat" or "none" (isolated network, used by tests)
-    bridge_name: Optional[str] = None  # None: libvirt chooses
-    max_creating: int = 4  # creations in flight at once
-    max_probes: int = 2  # VMs of a type with unproven work that may be young at once
-    reconcile_seconds: float = 60.0
-    stop_grace_seconds: float = 30.0
-    peer_cache_seconds: float = 30.0
-    apel_version: str = "0.3"  # "0.3" or "0.4"
-    hepscore23_per_processor: Optional[float] = None
-    metrics_port: Optional[int] = None  # Prometheus endpoint on 127.0.0.1, off by default
-    joboutputs_file_max_bytes: int = 1024 * 1024  # one upload to joboutputs
-    joboutputs_total_max_bytes: int = 10 * 1024 * 1024  # all of one machine's joboutputs
-    joboutputs_max_files: int = 100
-    kernel: Optional[str] = None  # direct kernel boot (test guests), absolute path
-    initrd: Optional[str] = None
-    kernel_cmdline: Optional[str] = None
-    # Container machine models (docker/podman, singularity/apptainer).
-    container_engine: str = "podman"  # runs the docker and podman models: podman or docker
-    container_runtime: Optional[str] = None  # OCI runtime (runc, crun); None: the engine's
-    container_network: str = "bridge"  # the engine's network for docker/podman containers
-    singularity_user: Optional[str] = None  # account running singularity/apptainer containers
-
-
-@dataclasses.dataclass(frozen=True)
-class Machinetype:
-    """One ``[machinetype NAME]`` section (REFERENCE.md §1.3)."""
-
-    name: str
-    root_image: Optional[str] = None
-    user_data: Optional[str] = None
-    target_share: float = 0.0
-    machine_model: str = "cernvm3"
-    root_device: str = "vda"
-    scratch_device: str = "vdb"
-    # (XXX, value) sorted by XXX: [settings] user_data_option_XXX overridden by this section's
-    user_data_options: tuple[tuple[str, str], ...] = ()
-    user_data_files: tuple[tuple[str, str], ...] = ()
-    user_data_proxy: bool = False
-    legacy_proxy: bool = False
-    min_processors: int = 1
-    max_processors: int = 1
-    max_wallclock_seconds: int = 86400
-    min_wallclock_seconds: Optional[int] = None  # None: = max_wallclock_seconds
-    backoff_seconds: int = 10
-    fizzle_seconds: int = 600
-    heartbeat_file: Optional[str] = None
-    heartbeat_seconds: int = 0
-    accounting_fqan: Optional[str] = None
-    machinegroup: Optional[str] = None  # None: accounting_fqan, else the machinetype name
-    machines_dir_days: float = 3.0
-    image_signing_dn: Optional[str] = None
-    disk_gb_per_processor: Optional[float] = None
-    cvmfs_repositories: tuple[str, ...] = ()
-    container_command: Optional[str] = None  # None: /user_data (container models only)
-    tmp_binds: tuple[str, ...] = ()  # container paths given fresh scratch directories
-    machinetype_path: str = ""  # <state_dir>/machinetypes/<name or pipe prefix>
-
-    @property
-    def effective_min_wallclock_seconds(self) -> int:
-        if self.min_wallclock_seconds is None:
-            return self.max_wallclock_seconds
-        return self.min_wallclock_seconds
-
-    @property
-    def effective_machinegroup(self) -> str:
-        return self.machinegroup or self.accounting_fqan or self.name
-
-
-@dataclasses.dataclass(frozen=True)
-class VacuumPipe:
-    """One ``[vacuum_pipe PREFIX]`` section; expanded into machinetypes by vac.content.pipes."""
-
-    prefix: str
-    vacuum_pipe_url: str
-    target_share: float = 0.0
-    # other options (machinetype option names, raw text) copied to each machinetype, sorted
-    defaults: tuple[tuple[str, str], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    settings: Settings
-    machinetypes: dict  # name -> Machinetype, in name order
-    vacuum_pipes: dict = dataclasses.field(default_factory=dict)  # prefix -> VacuumPipe
-    sources: dict = dataclasses.field(default_factory=dict)  # (section, option) -> "file:line"
-
-    def replace(self, **changes) -> Config:
-        return dataclasses.replace(self, **changes)
 
 
 # --- problems ------------------------------------------------------------------------------------
@@ -271,339 +149,7 @@ class ConfigPaths:
         )
 
 
-# --- value converters: text -> typed value, or ValueError(message) ------------------------------
-
-Converter = Callable[[str], Any]
-
-_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_DNS_LABEL}(?:\.{_DNS_LABEL})*\Z", re.IGNORECASE)
-_SECTION_NAME = re.compile(r"[a-z0-9-]+\Z")
-_OPTION_SUFFIX = re.compile(r"[a-z0-9_]+\Z")
-_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
-_DEVICE = re.compile(r"[a-z0-9]+\Z")
-_INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
-_VOLUME_GROUP = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\Z")
-_LIBVIRT_NAME = re.compile(r"[A-Za-z0-9_.+-]+\Z")
-_LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+.-]*:///?")
-_HOST_PORT = re.compile(r"[a-z0-9.-]+:([0-9]+)\Z")
-_REPOSITORY = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
-_ENGINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # podman/docker network, OCI runtime
-_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]*[$]?\Z")
-_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
-
-
-class _WithWarning:
-    """A converted value that also deserves a warning (a legacy spelling, say)."""
-
-    def __init__(self, value: Any, warning: str) -> None:
-        self.value = value
-        self.warning = warning
-
-
-def _text(text: str) -> str:
-    return text
-
-
-def _integer(minimum: Optional[int] = None, maximum: Optional[int] = None) -> Converter:
-    def convert(text: str) -> int:
-        if not _INTEGER.match(text):
-            raise ValueError(f"{text!r} is not an integer")
-        value = int(text)
-        if minimum is not None and value < minimum:
-            raise ValueError(f"{text!r} must be at least {minimum}")
-        if maximum is not None and value > maximum:
-            raise ValueError(f"{text!r} must be at most {maximum}")
-        return value
-
-    return convert
-
-
-def _number(minimum: float = 0.0, *, allow_minimum: bool = False) -> Converter:
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{text!r} is not a finite number")
-        if value < minimum or (value == minimum and not allow_minimum):
-            raise ValueError(f"{text!r} must be {'at least' if allow_minimum else 'greater than'} {minimum:g}")
-        return value
-
-    return convert
-
-
-def _any_number(text: str) -> float:
-    return _number(-math.inf)(text)
-
-
-def _boolean(text: str) -> bool:
-    try:
-        return _BOOLEANS[text.lower()]
-    except KeyError:
-        raise ValueError(f"{text!r} is not a boolean (use yes/no, true/false, on/off or 1/0)") from None
-
-
-def _choice(*choices: str) -> Converter:
-    def convert(text: str) -> str:
-        if text not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
-        return text
-
-    return convert
-
-
-def _matching(pattern: re.Pattern, what: str) -> Converter:
-    def convert(text: str) -> str:
-        if not pattern.match(text):
-            raise ValueError(f"{text!r} is not {what}")
-        return text
-
-    return convert
-
-
-def _words(convert_word: Converter) -> Converter:
-    def convert(text: str) -> tuple:
-        return tuple(convert_word(word) for word in text.split())
-
-    return convert
-
-
-def _absolute_path(text: str) -> str:
-    if not text.startswith("/") or "\0" in text:
-        raise ValueError(f"{text!r} is not an absolute path")
-    return text
-
-
-def _file_name(text: str) -> str:
-    if not text or "/" in text or text in (".", "..") or "\0" in text:
-        raise ValueError(f"{text!r} is not a plain file name (no /)")
-    return text
-
-
-def _http_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in text):
-        raise ValueError(f"{text!r} is not an http:// or https:// URL")
-    return text
-
-
-def _ip_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address") from None
-
-
-def _ip_address_or_all(text: str) -> str:
-    return _ip_address(text) if text else ""
-
-
-def _port(text: str) -> int:
-    return _integer(1, 65535)(text)
-
-
-def _listen_port(text: str) -> int:
-    return _integer(0, 65535)(text)  # 0: any free port (tests, several daemons on one host)
-
-
-def _dns_name(text: str) -> str:
-    if not _DNS_NAME.match(text):
-        raise ValueError(f"{text!r} is not a valid DNS name (letters, digits, - and .)")
-    return text
-
-
-def _host_name(text: str) -> str:
-    return _dns_name(text.lower().rstrip("."))
-
-
-def _host_port(text: str) -> str:
-    text = text.lower()
-    match = _HOST_PORT.match(text)
-    if not match or not 1 <= int(match.group(1)) <= 65535:
-        raise ValueError(f"{text!r} is not host.domain:port")
-    return text
-
-
-def _libvirt_uri(text: str) -> str:
-    if not _LIBVIRT_URI.match(text):
-        raise ValueError(f"{text!r} is not a libvirt URI like qemu:///system")
-    return text
-
-
-def _version_logger(text: str) -> Any:
-    legacy = {"true": 1, "false": 0}.get(text.lower())
-    if legacy is not None:
-        return _WithWarning(legacy, f"{text!r} is deprecated: give messages per day, here {legacy}")
-    try:
-        return _integer(0)(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer (messages per day)") from None
-
-
-def _machine_model(text: str) -> str:
-    return _choice(*MACHINE_MODELS, *CONTAINER_MODELS)(text)
-
-
-def _root_image(text: str) -> str:
-    if text.startswith("docker://"):
-        name = text[len("docker://"):]
-        if not name or name.startswith("-") or any(c.isspace() or c == "\0" for c in name):
-            raise ValueError(f"{text!r} does not name an image after docker://")
-        return text
-    if text.startswith(("http://", "https://")):
-        return _http_url(text)
-    if text.startswith("/"):
-        return _absolute_path(text)
-    try:
-        return _file_name(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an absolute path, an http(s) URL or a file name") from None
-
-
-def _user_data(text: str) -> str:
-    if text.startswith(("http://", "https://")):
-        return _http_url(text)
-    if ".." in text.split("/") or "\0" in text or not text:
-        raise ValueError(f"{text!r} is not a path without .. or an http(s) URL")
-    return text
-
-
-def _container_network(text: str) -> str:
-    if text == "host":
-        raise ValueError("'host' would let containers reach the host's local services: "
-                         "use bridge, none or a network made for them")
-    return _matching(_ENGINE_NAME, "a network name")(text)
-
-
-def _container_command(text: str) -> str:
-    try:
-        words = shlex.split(text)
-    except ValueError as error:
-        raise ValueError(f"{text!r} is not a command line ({error})") from None
-    if not words:
-        raise ValueError("is empty")
-    return text
-
-
-def _container_path(text: str) -> str:
-    path = _absolute_path(text)
-    if path == "/" or ".." in path.split("/") or ":" in path or "," in path:
-        raise ValueError(f"{text!r} is not an absolute container path without .., : or ,")
-    return path
-
-
-def _fqan(text: str) -> str:
-    if not text.startswith("/") or any(c.isspace() for c in text):
-        raise ValueError(f"{text!r} is not an FQAN like /lhcb/Role=pilot")
-    return text
-
-
-def _regex(text: str) -> str:
-    try:
-        re.compile(text)
-    except re.error as error:
-        raise ValueError(f"{text!r} is not a valid regular expression ({error})") from None
-    return text
-
-
-# --- the options ---------------------------------------------------------------------------------
-
-SETTINGS_OPTIONS: dict[str, Converter] = {
-    "vac_space": _dns_name,
-    "factory_name": _host_name,
-    "description": _text,
-    "factories": _words(str.lower),  # entries checked once factory_name is known
-    "udp_timeout_seconds": _number(0.0),
-    "mb_per_processor": _integer(1),
-    "hs06_per_processor": _number(0.0),
-    "processors_per_superslot": _integer(1),
-    "total_processors": _integer(1),
-    "overload_per_processor": _number(0.0),
-    "shutdown_time": _integer(0),
-    "draining": _boolean,
-    "gocdb_sitename": _text,
-    "gocdb_cert_file": _absolute_path,
-    "gocdb_key_file": _absolute_path,
-    "version_logger": _version_logger,
-    "vacmon_hostport": _words(_host_port),
-    "volume_group": _matching(_VOLUME_GROUP, "an LVM volume group name"),
-    "disk_gb_per_processor": _number(0.0),
-    "root_public_key": _absolute_path,
-    "fix_networking": _boolean,
-    "forward_dev": _matching(_INTERFACE, "a network interface name"),
-    "state_dir": _absolute_path,
-    "libvirt_uri": _libvirt_uri,
-    "domain_type": _choice("kvm", "qemu"),
-    "vacquery_port": _listen_port,
-    "vacquery_address": _ip_address_or_all,
-    "vacquery_secret_file": _absolute_path,
-    "vacquery_allow_unauthenticated": _boolean,
-    "metadata_address": _ip_address,
-    "mjf_address": _ip_address,
-    "http_port": _listen_port,
-    "network_name": _matching(_LIBVIRT_NAME, "a libvirt network name"),
-    "network_forward": _choice("nat", "none"),
-    "bridge_name": _matching(_INTERFACE, "a bridge name (at most 15 characters)"),
-    "max_creating": _integer(1),
-    "max_probes": _integer(1),
-    "reconcile_seconds": _number(0.0),
-    "stop_grace_seconds": _number(0.0, allow_minimum=True),
-    "peer_cache_seconds": _number(0.0, allow_minimum=True),
-    "apel_version": _choice("0.3", "0.4"),
-    "hepscore23_per_processor": _number(0.0),
-    "metrics_port": _listen_port,
-    "joboutputs_file_max_bytes": _integer(1),
-    "joboutputs_total_max_bytes": _integer(1),
-    "joboutputs_max_files": _integer(1),
-    "kernel": _absolute_path,
-    "initrd": _absolute_path,
-    "kernel_cmdline": _text,
-    "container_engine": _choice("podman", "docker"),
-    "container_runtime": _matching(_ENGINE_NAME, "an OCI runtime name like runc or crun"),
-    "container_network": _container_network,
-    "singularity_user": _matching(_ACCOUNT, "an account name"),
-}
-
-MACHINETYPE_OPTIONS: dict[str, Converter] = {
-    "root_image": _root_image,
-    "user_data": _user_data,
-    "target_share": _number(0.0, allow_minimum=True),
-    "machine_model": _machine_model,
-    "root_device": _matching(_DEVICE, "a device name of a-z and 0-9 like vda"),
-    "scratch_device": _matching(_DEVICE, "a device name of a-z and 0-9 like vdb"),
-    "user_data_proxy": _boolean,
-    "legacy_proxy": _boolean,
-    "min_processors": _integer(1),
-    "max_processors": _integer(1),
-    "max_wallclock_seconds": _integer(1),
-    "min_wallclock_seconds": _integer(0),
-    "backoff_seconds": _integer(0),
-    "fizzle_seconds": _integer(0),
-    "heartbeat_file": _file_name,
-    "heartbeat_seconds": _integer(0),
-    "accounting_fqan": _fqan,
-    "machinegroup": _text,
-    "machines_dir_days": _any_number,  # <= 0: never expire
-    "image_signing_dn": _regex,
-    "disk_gb_per_processor": _number(0.0),
-    "cvmfs_repositories": _words(_matching(_REPOSITORY, "a CernVM-FS repository name")),
-    "container_command": _container_command,
-    "tmp_binds": _words(_container_path),
-}
-
-PIPE_OPTIONS: dict[str, Converter] = {
-    "vacuum_pipe_url": _http_url,
-    "target_share": _number(0.0, allow_minimum=True),
-}
-
-# option name prefix -> tuple field collecting (suffix, value) pairs
-SETTINGS_PREFIXES = {
-    "machinefeatures_option_": "machinefeatures_options",
-    "user_data_option_": "user_data_options",
-    "user_data_file_": "user_data_files",
-}
-MACHINETYPE_PREFIXES = {"user_data_option_": "user_data_options", "user_data_file_": "user_data_files"}
+# --- names of the past ---------------------------------------------------------------------------
 
 DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
     "settings": {
@@ -822,7 +368,7 @@ def _section_of(block: _Block, problems: list[Problem]) -> Optional[tuple[str, s
     if not name:
         problem(ERROR, f"[{kind} NAME] needs a name")
         return None
-    if not _SECTION_NAME.match(name):
+    if not SECTION_NAME.match(name):
         problem(ERROR, f"name {name!r} may only contain a-z, 0-9 and -")
         return None
     if kind == "vmtype":
@@ -913,7 +459,7 @@ class _Builder:
             except ValueError as error:
                 self.problem(ERROR, str(error), option, value)
                 continue
-            if isinstance(converted, _WithWarning):
+            if isinstance(converted, WithWarning):
                 self.problem(WARNING, converted.warning, option, value)
                 converted = converted.value
             fields[option] = converted
@@ -927,7 +473,7 @@ class _Builder:
             if prefix is None:
                 continue
             suffix = option[len(prefix) :]
-            if not _OPTION_SUFFIX.match(suffix):
+            if not OPTION_SUFFIX.match(suffix):
                 self.problem(ERROR, f"the part after {prefix} may only contain a-z, 0-9 and _", option, value)
                 continue
             self.sources[(self.section.label, option)] = value.where
@@ -986,7 +532,7 @@ def _parse_factory(entry: str, factory_name: str) -> FactoryAddress:
         name = factory_name
     elif "." not in name:
         name = f"{name}.{factory_name.split('.', 1)[1]}"
-    if not _DNS_NAME.match(name):
+    if not DNS_NAME.match(name):
         raise ValueError(f"{entry!r}: {name!r} is not a valid factory name")
     if not _:
         return FactoryAddress(name)
@@ -1005,7 +551,7 @@ def _parse_factory(entry: str, factory_name: str) -> FactoryAddress:
     port = None
     if port_text is not None:
         try:
-            port = _port(port_text)
+            port = parse_port(port_text)
         except ValueError as error:
             raise ValueError(f"{entry!r}: port {error}") from None
     return FactoryAddress(name, address, port)
@@ -1020,7 +566,7 @@ def _build_settings(section: _Section, host: _Host, problems: list[Problem], sou
     factory_name = fields.get("factory_name")
     if factory_name is None and "factory_name" not in builder.bad:
         factory_name = host.fqdn()
-        if "." not in factory_name or not _DNS_NAME.match(factory_name):
+        if "." not in factory_name or not DNS_NAME.match(factory_name):
             builder.problem(ERROR, f"this host's name {factory_name!r} is not a fully qualified domain name: "
                             "set factory_name", "factory_name")
     elif factory_name is not None and "." not in factory_name:
@@ -1152,7 +698,7 @@ def build_machinetype(
     """
     problems: list[Problem] = []
     section = _Section("machinetype", name, origin, 0)
-    if not _SECTION_NAME.match(name):
+    if not SECTION_NAME.match(name):
         problems.append(Problem(ERROR, f"name {name!r} may only contain a-z, 0-9 and -", origin, section=section.label))
         return None, problems
     blocks = [_Block(f"machinetype {name}", origin, 0, [[key.lower(), text, 0] for key, text in options.items()])]
