@@ -80,7 +80,7 @@ def run_vacd(root: str, contexts: dict[int, MachineContext], ready) -> None:
     async def main() -> None:
         services = await metadata.start_services(
             SETTINGS, contexts.get, metadata_address=METADATA_HOST, mjf_address=MJF_HOST,
-            port=0, slot_for_address=loopback_slot)
+            port=0, slot_for_address=loopback_slot, slots=len(contexts))
         ready.send((services.metadata_url, services.mjf_url))
         await asyncio.Event().wait()  # until terminated
 

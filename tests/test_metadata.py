@@ -66,7 +66,7 @@ def make_settings(**changes) -> Settings:
 
 
 def make_machine(slot: int, processors: int = 2, machinetype: str = "lhcb") -> Machine:
-    return Machine(uuid=f"00000000-0000-4000-8000-00000000000{slot}",
+    return Machine(uuid=f"00000000-0000-4000-8000-{slot:012d}",
                    name=f"factory-{slot:02d}.example.org", slot=slot, machinetype=machinetype,
                    machine_model="cernvm4", processors=processors, created=CREATED + slot,
                    deadline=CREATED + 86400, state=MachineState.RUNNING)
@@ -203,25 +203,32 @@ def test_log_limiter_bursts_then_counts_drops():
 # Component: the real services on loopback
 
 
+def make_contexts(root: Path, slots=(1, 2, 3)) -> dict[int, MachineContext]:
+    """Fake machines with their files under ``root``; machine 3 has no user_data and no key."""
+    settings = make_settings()
+    contexts = {}
+    for slot in slots:
+        machine = make_machine(slot)
+        directory = root / "machines" / machine.directory_name
+        for sub in ("machinefeatures", "jobfeatures", "joboutputs"):
+            (directory / sub).mkdir(parents=True)
+        features = mjf_features(machine, settings, Machinetype(name="lhcb"), CREATED)
+        write_mjf(directory, *features)
+        if slot != 3:
+            (directory / "user_data").write_bytes(f"#!/bin/sh\necho slot {slot}\n".encode())
+            os.chmod(directory / "user_data", 0o600)
+            (directory / "root_public_key").write_text(KEY)
+        contexts[slot] = MachineContext(machine, directory)
+    return contexts
+
+
 class Running:
     """Both services on their own event loop in a thread, with fake machines in tmp dirs."""
 
-    def __init__(self, root: Path, limits: Limits):
+    def __init__(self, root: Path, limits: Limits, slots=(1, 2, 3)):
         self.root = root
         self.settings = make_settings()
-        self.contexts: dict[int, MachineContext] = {}
-        for slot in (1, 2, 3):
-            machine = make_machine(slot)
-            directory = root / "machines" / machine.directory_name
-            for sub in ("machinefeatures", "jobfeatures", "joboutputs"):
-                (directory / sub).mkdir(parents=True)
-            features = mjf_features(machine, self.settings, Machinetype(name="lhcb"), CREATED)
-            write_mjf(directory, *features)
-            if slot != 3:  # machine 3: no user_data and no key
-                (directory / "user_data").write_bytes(f"#!/bin/sh\necho slot {slot}\n".encode())
-                os.chmod(directory / "user_data", 0o600)
-                (directory / "root_public_key").write_text(KEY)
-            self.contexts[slot] = MachineContext(machine, directory)
+        self.contexts = make_contexts(root, slots)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

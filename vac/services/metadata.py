@@ -89,7 +89,7 @@ SMALL_UPLOADS_BYTES = 64 * 1024
 RESERVED_DESCRIPTORS = 64
 LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (capped by somaxconn)
 ACCEPT_BATCH = 64  # connections accepted per turn of the event loop before others get theirs
-ACCEPT_PAUSE_SECONDS = (0.05, 2.0)  # back-off when accepting fails, from, to (doubling)
+ACCEPT_PAUSE_SECONDS = (0.05, 2.0)  # back-off when accepting fails: first, longest (doubling)
 EVENT_LOG_SECONDS = 10.0  # at most one refusal / out-of-descriptors line this often per cause
 # accept() failures that concern only the one connection: try the next at once
 ACCEPT_TRANSIENT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EAGAIN, errno.EPROTO,
@@ -116,7 +116,7 @@ class Limits:
     joboutputs_max_files: int = 100  # per machine
     # Open connections per machine to both services together; start_services lowers it so that
     # every slot's share fits in the descriptor limit (fair_limits).
-    connections_per_machine: int = 64
+    connections_per_machine: int = 16
     body_timeout_seconds: float = 30.0  # whole body of one PUT
     idle_timeout_seconds: float = 15.0  # connection without a complete request (slowloris)
     log_burst: int = 30  # request log lines per source before rate limiting starts
@@ -828,15 +828,17 @@ def _reset(conn: socket.socket) -> None:
 
 
 class _Listener:
-    """One service's listening socket, with vac's own accept loop instead of
-    ``loop.create_server``.
+    """One service's listening socket, accepted by vac itself instead of ``loop.create_server``.
 
+    Up to ``ACCEPT_BATCH`` connections are accepted each time the socket is readable, so a flood
+    of connections neither fills the kernel's queue (whose overflow would drop every machine's
+    connection attempts alike) nor keeps the loop from answering the machines already connected.
     A connection over its machine's share is reset as it is accepted. When accept() fails for
-    want of descriptors or memory, accepting pauses (doubling from 50 ms to 2 s) with at most one
-    log line every ``EVENT_LOG_SECONDS``: asyncio's loop instead logs the error with a traceback
-    for each of up to ``backlog`` queued connections and schedules as many retries (CPython
-    ``BaseSelectorEventLoop._accept_connection`` keeps looping after EMFILE), which grew a log by
-    100 MB in 30 s.
+    want of descriptors or memory, accepting pauses (doubling from 50 ms to 2 s) with at most
+    one log line every ``EVENT_LOG_SECONDS``: asyncio's own accept loop instead logs the error
+    with a traceback for each of up to ``backlog`` queued connections and schedules as many
+    retries (CPython's ``BaseSelectorEventLoop._accept_connection`` goes on looping after
+    EMFILE), which grew a log by 100 MB in 30 s.
     """
 
     def __init__(self, name: str, runner: web.AppRunner, sock: socket.socket,
@@ -846,8 +848,11 @@ class _Listener:
         self.sock = sock
         self.shares = shares
         self.events = events
+        self._loop = asyncio.get_running_loop()
         self._connecting: set[asyncio.Task] = set()
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._pause = ACCEPT_PAUSE_SECONDS[0]
+        self._resume: Optional[asyncio.TimerHandle] = None
+        self._loop.add_reader(sock.fileno(), self._accept)
 
     @property
     def port(self) -> int:
@@ -855,33 +860,36 @@ class _Listener:
 
     async def close(self) -> None:
         """Stop accepting, then close every connection (aiohttp answers those mid-request)."""
-        self._task.cancel()
+        if self._resume is not None:
+            self._resume.cancel()
+        self._loop.remove_reader(self.sock.fileno())
         for task in list(self._connecting):
             task.cancel()
-        await asyncio.gather(self._task, *self._connecting, return_exceptions=True)
+        await asyncio.gather(*self._connecting, return_exceptions=True)
         self.sock.close()
         await self.runner.cleanup()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        pause = ACCEPT_PAUSE_SECONDS[0]
-        while True:
-            # A batch, then the rest of the loop's work: a flood of connections must not keep
-            # the machines already connected from being answered.
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    conn, peer = await loop.sock_accept(self.sock)
-                except OSError as error:
-                    if error.errno in ACCEPT_TRANSIENT:
-                        continue
-                    self._log_event("accept", "%s: cannot accept connections: %s; pausing "
-                                    "%.2f s", self.name, error.strerror or error, pause)
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, ACCEPT_PAUSE_SECONDS[1])
-                    break
-                pause = ACCEPT_PAUSE_SECONDS[0]
-                self._adopt(conn, peer[0])
-            await asyncio.sleep(0)
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                if error.errno in ACCEPT_TRANSIENT:
+                    continue
+                self._log_event("accept", "%s: cannot accept connections: %s; pausing %.2f s",
+                                self.name, error.strerror or error, self._pause)
+                self._loop.remove_reader(self.sock.fileno())
+                self._resume = self._loop.call_later(self._pause, self._resume_accepting)
+                self._pause = min(2 * self._pause, ACCEPT_PAUSE_SECONDS[1])
+                return
+            self._adopt(conn, peer[0])
+        self._pause = ACCEPT_PAUSE_SECONDS[0]
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        self._loop.add_reader(self.sock.fileno(), self._accept)
 
     def _adopt(self, conn: socket.socket, address: str) -> None:
         key, admitted = self.shares.take(address)
@@ -892,7 +900,8 @@ class _Listener:
             self._log_event(f"share {key}", "%s: %s already holds its %d connections; "
                             "refusing more", self.name, who, self.shares.per_machine)
             return
-        task = asyncio.get_running_loop().create_task(self._connect(conn, key))
+        conn.setblocking(False)
+        task = self._loop.create_task(self._connect(conn, key))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
 
@@ -905,7 +914,7 @@ class _Listener:
             return holder
 
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(protocol, conn)
+            await self._loop.connect_accepted_socket(protocol, conn)
         except BaseException as error:
             # Without a protocol the socket is still ours to close; with one, asyncio closes
             # the transport. Either way the share is given back exactly once.
