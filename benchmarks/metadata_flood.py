@@ -16,9 +16,12 @@ host without vacd's unit; ``--nofile``). Processes, over loopback (client N boun
   cloud-init), latency from the scheduled send time, and one heartbeat PUT per machine and
   second.
 
-Each measurement is taken without the flood first (the baseline), then with it. Then machine 1
-sends ``--uploads`` PUTs over 50 connections at once, to 20 names, and the statuses are
-counted. Run: ``python benchmarks/metadata_flood.py [--seconds 5] [--nofile 1024]``.
+Each measurement is taken without the flood first (the baseline), beside a process that only
+burns a core (the flooding client does, and on a small shared host that alone moves the p99),
+then with the flood. Then machine 1 sends ``--uploads`` PUTs over as many connections at once
+as its share allows, to 20 names, and the statuses are counted.
+
+Run: ``python benchmarks/metadata_flood.py [--seconds 5] [--nofile 1024] [--uploads 10000]``.
 """
 
 from __future__ import annotations
@@ -312,13 +315,12 @@ def main() -> None:
                   f"other machines' requests (target < 100: "
                   f"{'PASS' if flood_lines < 100 else 'MISS'}); asyncio accept errors logged: "
                   f"{resource_lines}")
-            statuses, elapsed = measure_uploads(mjf_url, args.uploads, 50)
+            statuses, elapsed = measure_uploads(mjf_url, args.uploads, share)
             total = sum(statuses.values())
             verdict = "PASS" if not statuses.get(500) else "MISS"
-            print(f"\n{total} parallel uploads from machine 1 over 50 connections (its share "
-                  f"is {share}) in {elapsed:.1f} s ({total / elapsed:.0f}/s): statuses "
-                  f"{dict(sorted(statuses.items()))}, 0 = connection reset over the share "
-                  f"(no 500: {verdict})")
+            print(f"\n{total} parallel uploads from machine 1 over {share} connections (its "
+                  f"share) in {elapsed:.1f} s ({total / elapsed:.0f}/s): statuses "
+                  f"{dict(sorted(statuses.items()))} (0 = failed connection; no 500: {verdict})")
         finally:
             server.terminate()
             server.join(10)
