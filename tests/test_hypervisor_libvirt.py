@@ -252,3 +252,60 @@ def test_failing_address_command_is_reported(test_driver_uri, events):
             adapter.ensure_network(isolated_network())
     finally:
         adapter.close()
+
+
+def test_machine_works_keeps_final_cpu_readings_until_the_finish_releases_them(
+        test_driver_uri, tmp_path):
+    """The CPU time of a domain that is gone: read before vacd destroyed it, or carried by the
+    SHUTDOWN event of the guest's poweroff, and kept until the machine is released."""
+    import dataclasses
+
+    from vac.backends.vm.hypervisor import DomainEvent
+    from vac.daemon.machines import MachineWorks
+    from vac.records.store import Store
+
+    settings = dataclasses.replace(SETTINGS, libvirt_uri=test_driver_uri, state_dir=str(tmp_path))
+    stopped = []
+    works = MachineWorks(Store(tmp_path), settings, stopped.append, lambda: None)
+    works.hypervisor.connect()
+    try:
+        machine, spec = make_spec()
+        works.hypervisor.create(spec)
+        running = works.cpu_seconds(machine.uuid)
+        assert running > 0
+        works.destroy(machine.uuid)
+        assert works.hypervisor.cpu_seconds(machine.uuid) is None  # libvirt forgot it
+        assert works.cpu_seconds(machine.uuid) >= running
+        powered_off = str(uuidlib.uuid4())
+        works.hypervisor.event_sink(DomainEvent(EventKind.SHUTDOWN, powered_off, "guest", 1,
+                                                cpu_seconds=7.5))
+        assert stopped[-1] == powered_off and works.cpu_seconds(powered_off) == 7.5
+        works.release(machine, settings)
+        assert works.cpu_seconds(machine.uuid) is None
+    finally:
+        works.close()
+
+
+def test_qemu_cpu_time_is_read_from_proc_with_libvirts_pid_file(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    from vac.backends.vm.hypervisor import qemu_cpu_seconds
+
+    fake_qemu = tmp_path / "qemu-system-x86_64"  # the kernel names the process after the file
+    shutil.copy("/bin/sleep", fake_qemu)
+    process = subprocess.Popen([str(fake_qemu), "60"])
+    try:
+        (tmp_path / "vm.pid").write_text(f"{process.pid}\n")
+        seconds = qemu_cpu_seconds(str(tmp_path), "vm")
+        assert seconds is not None and 0 <= seconds < 60
+        (tmp_path / "other.pid").write_text(f"{os.getpid()}\n")  # a stale file: not QEMU's pid
+        assert qemu_cpu_seconds(str(tmp_path), "other") is None
+        (tmp_path / "garbage.pid").write_text("not a pid\n")
+        assert qemu_cpu_seconds(str(tmp_path), "garbage") is None
+        assert qemu_cpu_seconds(str(tmp_path), "absent") is None
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert qemu_cpu_seconds(str(tmp_path), "vm") is None  # the process is gone

@@ -195,6 +195,7 @@ def wait_gone(bed: Testbed, machine: Machine, started: float) -> dict:
     shutdown_time, shutdown = bed.events.wait_for(EventKind.SHUTDOWN, machine.uuid, GUEST_SECONDS)
     stopped_time, stopped = bed.events.wait_for(EventKind.STOPPED, machine.uuid, 30)
     assert shutdown.detail == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST
+    assert shutdown.cpu_seconds > 0, "the guest's CPU time is read as it powers off"
     assert stopped.detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN
     assert machine.uuid not in [info.uuid for info in bed.hypervisor.list_domains()]
     return {"shutdown": shutdown_time - started, "stopped": stopped_time - started}

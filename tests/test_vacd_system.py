@@ -17,9 +17,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import libvirt
 import pytest
+
+from tests.qemu_cpu import QemuCpuWatcher
 
 pytestmark = pytest.mark.system
 
@@ -46,13 +49,23 @@ vac-put heartbeat alive
 sleep 25
 vac-put shutdown_message "200 Success"
 """
+BURN_SECONDS = 15
+BURN_SCRIPT = f"""#!/bin/sh
+vac-put heartbeat alive
+end=$(( $(cut -d. -f1 /proc/uptime) + {BURN_SECONDS} ))
+while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+    i=0; while [ $i -lt 1000 ]; do i=$((i + 1)); done
+done
+vac-put shutdown_message "200 Burned {BURN_SECONDS} s"
+"""
+STOP_GRACE_SECONDS = 3
 
 
 class Vacd:
     """One vacd process with its configuration, state directory and log."""
 
     def __init__(self, tmp_path: Path, guest, names, machinetype_options: str, *,
-                 processors: int = 1, port: int = 19995):
+                 processors: int = 1, port: int = 19995, settings: str = ""):
         self.tmp = tmp_path
         self.state = tmp_path / "state"
         self.conf_dir = tmp_path / "vac.d"
@@ -80,7 +93,7 @@ total_processors = {processors}
 mb_per_processor = 96
 disk_gb_per_processor = 1
 root_public_key = {tmp_path}/no-key.pub
-stop_grace_seconds = 3
+stop_grace_seconds = {STOP_GRACE_SECONDS}
 reconcile_seconds = 3
 # The host's load comes from the test machine, not these scenarios (the veto has pure tests).
 overload_per_processor = 1000
@@ -95,6 +108,8 @@ root_image = {guest.iso}
 user_data = {tmp_path}/user_data
 {options}
 """)
+        if settings:  # a later fragment: its values replace those above
+            (self.conf_dir / "20-settings.conf").write_text(f"[settings]\n{settings}\n")
 
     def start(self) -> None:
         argv = [sys.executable, "-m", "vac.daemon.vacd", "--conf-dir", str(self.conf_dir),
@@ -150,6 +165,14 @@ user_data = {tmp_path}/user_data
 
     def apel_records(self) -> list[str]:
         return sorted(str(path) for path in (self.state / "apel-archive").rglob("*") if path.is_file())
+
+    def apel_fields(self, uuid: str) -> Optional[dict]:
+        """The ``Key: value`` fields of the archived APEL record of machine ``uuid``, or None."""
+        for path in self.apel_records():
+            text = Path(path).read_text()
+            if uuid in text:
+                return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+        return None
 
 
 @pytest.fixture
@@ -221,14 +244,51 @@ def test_a_vm_that_stops_heartbeating_is_killed_with_700(vacd_factory):
     assert vacd.shutdown_message(record) == "700 Heartbeat file not updated"
 
 
-def test_a_vm_past_its_wallclock_is_shut_down(vacd_factory):
+def test_a_vm_past_its_wallclock_is_stopped_on_time(vacd_factory, record_property):
+    """Its deadline wakes vacd: no reconcile tick (every 600 s here) is needed."""
     vacd = vacd_factory("max_wallclock_seconds = 25\nmin_wallclock_seconds = 25\nfizzle_seconds = 1\n"
-                        "#SCRIPT\n" + FOREVER_SCRIPT)
+                        "#SCRIPT\n" + FOREVER_SCRIPT, settings="reconcile_seconds = 600")
     vacd.start()
     record = vacd.wait_for("a finished machine", lambda: vacd.machines_in("finished"))[0]
-    ran = record["finished"] - record["started"]
-    assert 20 <= ran <= 25 + BOOT_SECONDS
-    assert "shutting down" in vacd.log_text()
+    assert record["deadline"] - record["created"] == pytest.approx(25)
+    assert 0 < record["stop_requested"] - record["deadline"] <= 2, record
+    # The guest ignores the ACPI button: destroyed after the grace period.
+    assert record["finished"] - record["deadline"] <= 2 + STOP_GRACE_SECONDS + 2, record
+    assert "passed its deadline" in vacd.log_text()
+    record_property("timing", f"stop requested {record['stop_requested'] - record['deadline']:.2f} s "
+                              f"after the deadline, finished {record['finished'] - record['deadline']:.2f} s after")
+
+
+def test_a_busy_guest_is_accounted_all_the_cpu_qemu_used(vacd_factory, record_property):
+    vacd = vacd_factory("fizzle_seconds = 1\n#SCRIPT\n" + BURN_SCRIPT)
+    vacd.start()
+    running = vacd.wait_for("a running machine", lambda: vacd.machines_in("running"))[0]
+    uuid = running["uuid"]
+    qemu = QemuCpuWatcher(f"{running['name']}-{uuid[:8]}", timeout=BOOT_SECONDS + BURN_SECONDS)
+    finished = vacd.wait_for("the busy machine to finish", lambda: [
+        r for r in vacd.machines_in("finished") if r["uuid"] == uuid],
+        timeout=BOOT_SECONDS + BURN_SECONDS)[0]
+    assert vacd.shutdown_message(finished) == f"200 Burned {BURN_SECONDS} s"
+    used = qemu.total()
+    fields = vacd.wait_for("its APEL record", lambda: vacd.apel_fields(uuid), timeout=10)
+    accounted = int(fields["CpuDuration"])
+    assert accounted >= 1
+    assert abs(accounted - used) <= 0.1 * used, (accounted, used, finished["cpu_seconds"])
+    assert abs(finished["cpu_seconds"] - used) <= 0.1 * used, (finished["cpu_seconds"], used)
+    record_property("timing", f"QEMU used {used:.2f} s, vacd recorded {finished['cpu_seconds']:.2f} s, "
+                           f"APEL CpuDuration {accounted} s, WallDuration {fields['WallDuration']} s")
+
+
+def test_a_configuration_change_applies_to_the_next_creation(vacd_factory):
+    """No SIGHUP and no reconcile tick (every 600 s here): the next plan reads the new file."""
+    vacd = vacd_factory("fizzle_seconds = 1\n#SCRIPT\n" + GOOD_SCRIPT, settings="reconcile_seconds = 600")
+    vacd.start()
+    first = vacd.wait_for("a running machine", lambda: vacd.machines_in("running"))[0]
+    assert first["deadline"] - first["created"] != pytest.approx(5000)
+    (vacd.conf_dir / "30-change.conf").write_text("[machinetype test]\nmax_wallclock_seconds = 5000\n")
+    second = vacd.wait_for("the next machine", lambda: [
+        r for r in vacd.records() if r["uuid"] != first["uuid"]])[0]
+    assert second["deadline"] - second["created"] == pytest.approx(5000)
 
 
 def test_kill_9_and_restart_adopts_running_vms_and_accounts_each_once(vacd_factory):

@@ -413,8 +413,8 @@ class DomainEvent:
     uuid: Optional[str] = None
     name: Optional[str] = None
     detail: int = 0  # libvirt's VIR_DOMAIN_EVENT_<KIND>_* detail code
-    # SHUTDOWN only: the domain's CPU time read as the event arrived, its total (the guest has
-    # powered off); None if it could not be read. The domain is gone by STOPPED.
+    # SHUTDOWN only: the CPU time of the domain's QEMU process as the event arrived, its total
+    # (the guest has powered off); None if it could not be read (libvirtd on another host).
     cpu_seconds: Optional[float] = None
 
     @property
@@ -461,6 +461,8 @@ class DomainInfo:
         return self.metadata is not None
 
 
+QEMU_SYSTEM_PID_DIR = "/run/libvirt/qemu"  # libvirtd's <domain name>.pid files (qemu:///system)
+
 _event_loop_lock = threading.Lock()
 _event_loop_thread: Optional[threading.Thread] = None
 
@@ -493,6 +495,25 @@ def _error_code(error: libvirt.libvirtError) -> int:
     return error.get_error_code() or 0
 
 
+def qemu_cpu_seconds(pid_dir: str, domain_name: str) -> Optional[float]:
+    """CPU time (utime + stime, all threads) of a local domain's QEMU process, read from
+    /proc with the pid libvirtd wrote to ``pid_dir``; None if there is no such QEMU process."""
+    try:
+        with open(os.path.join(pid_dir, f"{domain_name}.pid"), encoding="ascii") as handle:
+            pid = int(handle.read().split()[0])
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            stat = handle.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    # "PID (COMMAND) STATE PPID ...": the command may hold spaces and parentheses.
+    command, _, rest = stat.partition("(")[2].rpartition(")")
+    fields = rest.split()
+    if not command.startswith("qemu") or len(fields) < 13 or not all(
+            field.isdigit() for field in fields[11:13]):
+        return None  # a stale pid file, and the pid is some other process's now
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_seconds(domain: libvirt.virDomain) -> float:
     """The CPU time of the domain's whole QEMU process (every vCPU and I/O thread): one
     virDomainGetInfo, which libvirt answers from /proc (vac domains have no balloon for it to
@@ -511,10 +532,12 @@ class Hypervisor:
     RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)  # then every 10 s until close()
 
     def __init__(self, uri: str, event_sink: Callable[[DomainEvent], None],
-                 command_runner: CommandRunner = run_command):
+                 command_runner: CommandRunner = run_command, pid_dir: Optional[str] = None):
         self.uri = uri
         self.event_sink = event_sink
         self.command_runner = command_runner
+        # Where libvirtd keeps each running domain's QEMU pid, when it runs on this host.
+        self.pid_dir = pid_dir or (QEMU_SYSTEM_PID_DIR if uri == "qemu:///system" else None)
         self._lock = threading.Lock()
         self._conn: Optional[libvirt.virConnect] = None
         self._closing = threading.Event()
@@ -589,17 +612,14 @@ class Hypervisor:
         return conn
 
     def _on_lifecycle(self, _conn, domain, event: int, detail: int, _opaque) -> None:
-        # Runs on libvirt's event thread: translate and hand over, after one reading of the CPU
-        # time on SHUTDOWN: between the guest's poweroff and STOPPED (1-2 s) the domain can
-        # still be read, afterwards never. A call from this thread is allowed (the remote
-        # driver's client then drives its own socket) and takes well under a millisecond.
+        # Runs on libvirt's event thread: translate and hand over, with the CPU time of a
+        # domain whose guest powered off. QEMU exits right after SHUTDOWN, and libvirtd then
+        # answers queries of the domain only after its teardown (1-2 s later, with CPU time 0):
+        # so QEMU's /proc entry is read directly, which takes microseconds and never blocks.
         kind = _LIFECYCLE_KINDS.get(event, EventKind.UNKNOWN)
         cpu_seconds = None
-        if kind is EventKind.SHUTDOWN:
-            try:
-                cpu_seconds = _cpu_seconds(domain)
-            except libvirt.libvirtError as error:
-                log.debug("no CPU reading of %s at its shutdown: %s", domain.name(), error)
+        if kind is EventKind.SHUTDOWN and self.pid_dir is not None:
+            cpu_seconds = qemu_cpu_seconds(self.pid_dir, domain.name())
         try:
             self.event_sink(DomainEvent(kind, domain.UUIDString(), domain.name(), detail,
                                         cpu_seconds))
