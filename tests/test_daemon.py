@@ -449,7 +449,8 @@ async def sample_once(factory, monkeypatch):
 
 
 @pytest.mark.parametrize(("at_end", "accounted"), [(95.0, 95.0), (0.0, 30.0)])
-def test_cpu_time_is_read_at_the_end_and_never_goes_down(tmp_path, clock, at_end, accounted):
+def test_cpu_time_is_read_at_the_end_and_never_goes_down(tmp_path, clock, caplog, at_end,
+                                                          accounted):
     """The reading at the guest's poweroff counts; one that comes back short (libvirt says 0
     once QEMU is gone) does not lower the earlier readings."""
     async def scenario():
@@ -465,6 +466,7 @@ def test_cpu_time_is_read_at_the_end_and_never_goes_down(tmp_path, clock, at_end
         assert works.named("account") == [("account", machine.uuid, clock.now, accounted)]
         record = json.loads((factory.store.machine_dir(machine) / "machine.json").read_text())
         assert record["machine"]["cpu_seconds"] == accounted
+        assert ("the reading came back short, 0 s" in caplog.text) is (at_end < accounted)
         await factory.shutdown()
 
     run(scenario())
@@ -499,8 +501,8 @@ def test_a_machine_that_ended_unseen_keeps_its_last_reading_and_the_log_says_so(
         clock.advance(30)
         await cycle(factory)
         assert [call[3] for call in works.named("account")] == [20.0]
-        assert ("no CPU reading at its end (it ended while vacd could not see it): CPU time "
-                "20 s is its last reading") in caplog.text
+        assert ("no CPU reading at its end (its domain was gone before it could be read): CPU "
+                "time 20 s is its last reading") in caplog.text
         await factory.shutdown()
 
     run(scenario())

@@ -523,11 +523,13 @@ class Factory:
         except HypervisorError as error:
             reading, why = None, f"libvirt cannot tell: {error}"
         else:
-            why = "it ended while vacd could not see it"
-        if reading is not None:
+            why = "its domain was gone before it could be read"
+        if reading is not None and reading >= machine.cpu_seconds:
             if reading > machine.cpu_seconds:
                 machine = self.update(machine, cpu_seconds=reading)
             return machine
+        if reading is not None:  # e.g. libvirt's 0 for a QEMU that has already exited
+            why = f"the reading came back short, {reading:.0f} s"
         end = machine.finished or self.clock()
         last = machine.heartbeat or machine.started
         log.warning("%s (%s): no CPU reading at its end (%s): CPU time %.0f s is its last reading, "
