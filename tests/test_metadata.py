@@ -36,6 +36,7 @@ from vac.services.metadata import (
     path_segments,
     write_mjf,
 )
+from vac.services.metadata import base as metadata_base
 
 METADATA_HOST = "127.0.0.2"
 MJF_HOST = "127.0.0.3"
@@ -142,16 +143,16 @@ def test_lower_deadline_files_only_lowers(tmp_path):
 
 
 def test_reading_machine_files_is_bounded_and_follows_no_links(tmp_path, monkeypatch):
-    monkeypatch.setattr(metadata, "MAX_DOCUMENT_BYTES", 10)
+    monkeypatch.setattr(metadata_base, "MAX_DOCUMENT_BYTES", 10)
     (tmp_path / "ten").write_bytes(b"0123456789")
     (tmp_path / "eleven").write_bytes(b"0123456789a")
     (tmp_path / "link").symlink_to(tmp_path / "ten")
-    assert metadata._read(tmp_path / "ten") == b"0123456789"
-    assert metadata._read(tmp_path / "missing") is None
+    assert metadata.read_document(tmp_path / "ten") == b"0123456789"
+    assert metadata.read_document(tmp_path / "missing") is None
     with pytest.raises(OSError, match="larger than 10 bytes"):
-        metadata._read(tmp_path / "eleven")
+        metadata.read_document(tmp_path / "eleven")
     with pytest.raises(OSError):
-        metadata._read(tmp_path / "link")
+        metadata.read_document(tmp_path / "link")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_usage_scan_tolerates_files_that_vanish(tmp_path):
     try:
         scans = 0
         while writer.is_alive() and scans < 20000:
-            total, files = metadata._usage(tmp_path, excluding="none")
+            total, files = metadata.joboutputs_usage(tmp_path, excluding="none")
             assert files <= 4 and total <= 4 * 50
             scans += 1
     finally:
