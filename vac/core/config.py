@@ -19,14 +19,13 @@ Interface used by every other module:
   followed by ``; FILE:LINE`` or ``; default``; reading it back gives the same configuration.
 * ``build_machinetype(name, options, settings, origin=...)``: one machinetype from raw option
   strings, checked exactly like a ``[machinetype]`` section.
+* ``machinetype_from_section``, ``pipe_from_section``: the same checks on a merged
+  ``vac.core.ini.Section`` (vcycle's configuration builds its machinetypes and pipes with them).
 
 The options themselves (type, default, converter, and the stricter checks of values from the
 network) are declared once, as the fields of ``Settings``, ``Machinetype`` and ``VacuumPipe`` in
-vac.core.schema; their names are re-exported here.
-
-Parsing follows the classic Python 2 ``RawConfigParser`` the existing files were written for:
-``name = value`` or ``name: value``, names and section names case-insensitive, ``#``/``;``
-comment lines, `` ;`` inline comments, indented continuation lines, ``""`` for an empty value.
+vac.core.schema; their names are re-exported here. Reading and parsing the files, and the
+located problems, are vac.core.ini's (the classic ``RawConfigParser`` syntax).
 """
 
 from __future__ import annotations
@@ -36,89 +35,58 @@ import difflib
 import functools
 import ipaddress
 import os
-import re
 import socket
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from vac.core.ini import (
+    ERROR,
+    MAX_FILE_BYTES,
+    WARNING,
+    Block,
+    Builder,
+    ConfigError,
+    Problem,
+    Section,
+    Value,
+    field_defaults,
+    read_layers,
+    record_defaults,
+    sort_problems,
+)
 from vac.core.schema import (
     APPTAINER_MODELS,
     CONTAINER_MODELS,
-    DNS_NAME,
     ENGINE_MODELS,
     MACHINE_MODELS,
     MACHINETYPE_OPTIONS,
     MACHINETYPE_PREFIXES,
-    OPTION_SUFFIX,
     PIPE_OPTIONS,
     SECTION_NAME,
     SETTINGS_OPTIONS,
     SETTINGS_PREFIXES,
     Config,
-    Converter,
     FactoryAddress,
     Machinetype,
     Settings,
     VacuumPipe,
-    WithWarning,
-    parse_port,
 )
+from vac.core.values import DNS_NAME, Converter, parse_port
 
-# The schema's names are this module's public interface too (most modules import them here).
+# The schema's and the problems' names are this module's public interface too (most modules
+# import them here).
 __all__ = [
     "APPTAINER_MODELS", "CONTAINER_MODELS", "DEFAULT_CONF_DIR", "DEFAULT_MAIN_CONF", "DEFAULT_RUN_CONFS",
     "DEPRECATED_OPTIONS", "ENGINE_MODELS", "ERROR", "MACHINE_MODELS", "MACHINETYPE_OPTIONS",
     "MACHINETYPE_PREFIXES", "MAX_FILE_BYTES", "OBSOLETE_OPTIONS", "PIPE_OPTIONS", "SETTINGS_OPTIONS",
     "SETTINGS_PREFIXES", "WARNING", "Config", "ConfigError", "ConfigPaths", "FactoryAddress", "Machinetype",
     "Problem", "Settings", "VacuumPipe", "build_machinetype", "format_effective_config", "load_config",
-    "load_config_or_raise",
+    "load_config_or_raise", "machinetype_from_section", "pipe_from_section",
 ]
 
 DEFAULT_CONF_DIR = "/etc/vac.d"
 DEFAULT_MAIN_CONF = "/etc/vac.conf"
 DEFAULT_RUN_CONFS = ("/run/vac.conf", "/var/run/vac.conf")
-
-ERROR = "error"
-WARNING = "warning"
-
-MAX_FILE_BYTES = 1024 * 1024  # far above any real configuration file
-
-
-# --- problems ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One error or warning, located as precisely as possible."""
-
-    level: str  # ERROR or WARNING
-    message: str
-    file: Optional[str] = None
-    line: Optional[int] = None
-    section: Optional[str] = None  # "settings", "machinetype lhcb", ...
-    option: Optional[str] = None
-
-    @property
-    def is_error(self) -> bool:
-        return self.level == ERROR
-
-    def __str__(self) -> str:
-        text = self.message
-        subject = " ".join(part for part in (f"[{self.section}]" if self.section else "", self.option or "") if part)
-        if subject:
-            text = f"{subject}: {text}"
-        if self.file:
-            where = f"{self.file}:{self.line}" if self.line else self.file
-            text = f"{where}: {text}"
-        return text
-
-
-class ConfigError(Exception):
-    """The configuration has errors; ``problems`` lists all of them (and the warnings)."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(str(problem) for problem in problems if problem.is_error))
 
 
 # --- where to read -------------------------------------------------------------------------------
@@ -206,147 +174,10 @@ def _deprecation_kind(kind: str) -> str:
     return "settings" if kind == "settings" else "machinetype"
 
 
-# --- reading INI files ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Value:
-    text: str
-    file: str
-    line: int  # 0: not from a file with lines (build_machinetype)
-    written_as: str  # the option name in the file (a deprecated name, say)
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}" if self.line else self.file
-
-
-@dataclasses.dataclass
-class _Block:
-    """One ``[header]`` and its option lines, as written in one file."""
-
-    header: str
-    file: str
-    line: int
-    options: list = dataclasses.field(default_factory=list)  # [name, text, line]
-
-
-_HEADER = re.compile(r"\[([^\]]*)\]\s*(?:[#;].*)?\Z")
-_INLINE_COMMENT = re.compile(r"\s;")
-
-
-def _strip_inline_comment(text: str) -> str:
-    match = _INLINE_COMMENT.search(text)
-    return (text[: match.start()] if match else text).strip()
-
-
-def _parse_ini(text: str, file: str, problems: list[Problem]) -> list[_Block]:
-    blocks: list[_Block] = []
-    current: Optional[_Block] = None
-    for number, raw in enumerate(text.split("\n"), 1):
-        line = raw.rstrip("\r")
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;":
-            continue
-        if line[0].isspace() and current is not None and current.options:
-            continuation = _strip_inline_comment(stripped)
-            if continuation:
-                last = current.options[-1]
-                last[1] = f"{last[1]}\n{continuation}" if last[1] else continuation
-            continue
-        if stripped.startswith("["):
-            match = _HEADER.match(stripped)
-            if not match or not match.group(1).strip():
-                problems.append(Problem(ERROR, f"malformed section header {stripped!r}", file, number))
-                current = _Block(stripped, file, number)  # its options are read but dropped
-                continue
-            current = _Block(match.group(1).strip(), file, number)
-            blocks.append(current)
-            continue
-        separator = min((i for i in (stripped.find("="), stripped.find(":")) if i >= 0), default=-1)
-        name = stripped[:separator].strip().lower() if separator > 0 else ""
-        if not name:
-            problems.append(Problem(ERROR, f"expected 'option = value' or a [section] header, not {stripped!r}", file, number))
-            continue
-        if current is None:
-            problems.append(Problem(ERROR, "option outside any [section]", file, number, option=name))
-            continue
-        value = _strip_inline_comment(stripped[separator + 1 :])
-        current.options.append([name, "" if value == '""' else value, number])
-    return blocks
-
-
-def _read_file(path: str, problems: list[Problem], *, may_be_missing: bool) -> Optional[str]:
-    try:
-        with open(path, "rb") as stream:
-            data = stream.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        if not may_be_missing:
-            problems.append(Problem(ERROR, "cannot read: no such file", path))
-        return None
-    except OSError as error:
-        problems.append(Problem(ERROR, f"cannot read: {error.strerror}", path))
-        return None
-    if len(data) > MAX_FILE_BYTES:
-        problems.append(Problem(ERROR, f"larger than {MAX_FILE_BYTES} bytes: not a configuration file", path))
-        return None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        problems.append(Problem(ERROR, f"not UTF-8 text (byte 0x{data[error.start]:02x})", path, line))
-        return None
-    return text.removeprefix("\ufeff")
-
-
-def _files_to_read(paths: ConfigPaths, problems: list[Problem]) -> list[tuple[str, bool]]:
-    """(path, may_be_missing) in reading order."""
-    files: list[tuple[str, bool]] = []
-    try:
-        entries = sorted(os.listdir(paths.conf_dir))
-    except FileNotFoundError:
-        entries = []
-    except OSError as error:
-        problems.append(Problem(ERROR, f"cannot list directory: {error.strerror}", paths.conf_dir))
-        entries = []
-    for entry in entries:
-        if entry.endswith(".conf") and not entry.startswith("."):
-            path = os.path.join(paths.conf_dir, entry)
-            if os.path.isdir(path):
-                problems.append(Problem(WARNING, "is a directory; ignored", path))
-            elif os.path.exists(path) and not os.path.isfile(path):
-                # A FIFO or device would block or never end: every reload would hang.
-                problems.append(Problem(WARNING, "is not a regular file; ignored", path))
-            else:
-                files.append((path, False))
-    files.append((paths.main_conf, True))
-    seen = set()
-    for run_conf in paths.run_confs:
-        # /var/run is usually a link to /run: read that file once.
-        real = os.path.realpath(run_conf)
-        if real not in seen:
-            seen.add(real)
-            files.append((run_conf, True))
-    return files
-
-
 # --- merging files into sections -----------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Section:
-    kind: str  # "settings", "machinetype" or "vacuum_pipe"
-    name: str  # "" for settings
-    file: str
-    line: int
-    values: dict = dataclasses.field(default_factory=dict)  # canonical option -> _Value
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind} {self.name}" if self.name else self.kind
-
-
-def _section_of(block: _Block, problems: list[Problem]) -> Optional[tuple[str, str]]:
+def _section_of(block: Block, problems: list[Problem]) -> Optional[tuple[str, str]]:
     """(kind, name) of a header, or None (with a problem) when its options are not read."""
     words = block.header.lower().split(None, 1)
     kind, name = words[0], words[1].strip() if len(words) > 1 else ""
@@ -387,15 +218,15 @@ def _unknown_option_message(kind: str, option: str, known: Mapping[str, Any]) ->
     return f"{message} (did you mean {close[0]}?)" if close else message
 
 
-def _merge(files: list[tuple[str, list[_Block]]], problems: list[Problem]) -> dict[tuple[str, str], _Section]:
-    sections: dict[tuple[str, str], _Section] = {}
+def _merge(files: list[tuple[str, list[Block]]], problems: list[Problem]) -> dict[tuple[str, str], Section]:
+    sections: dict[tuple[str, str], Section] = {}
     for file, blocks in files:
-        set_here: dict[tuple[str, str, str], _Value] = {}  # duplicates inside one file
+        set_here: dict[tuple[str, str, str], Value] = {}  # duplicates inside one file
         for block in blocks:
             kind_name = _section_of(block, problems)
             if kind_name is None:
                 continue
-            section = sections.setdefault(kind_name, _Section(*kind_name, block.file, block.line))
+            section = sections.setdefault(kind_name, Section(*kind_name, block.file, block.line))
             known, prefixes = _options_of(section.kind)
             renamed = DEPRECATED_OPTIONS[_deprecation_kind(section.kind)]
             obsolete = OBSOLETE_OPTIONS[_deprecation_kind(section.kind)]
@@ -416,88 +247,13 @@ def _merge(files: list[tuple[str, list[_Block]]], problems: list[Problem]) -> di
                 if complaint is not None:
                     problems.append(Problem(*complaint, file, line, section.label, name))
                     continue
-                value = _Value(text, file, line, name)
+                value = Value(text, file, line, name)
                 set_here[(*kind_name, canonical)] = value
                 section.values[canonical] = value
     return sections
 
 
 # --- building typed objects ----------------------------------------------------------------------
-
-
-class _Builder:
-    """Converts one merged section into dataclass field values, collecting problems."""
-
-    def __init__(self, section: _Section, problems: list[Problem], sources: dict) -> None:
-        self.section = section
-        self.problems = problems
-        self.sources = sources
-        self.failed = False
-        self.bad: set[str] = set()  # options whose value was rejected
-
-    def problem(self, level: str, message: str, option: Optional[str] = None, value: Optional[_Value] = None) -> None:
-        file, line = (value.file, value.line) if value else (self.section.file, self.section.line)
-        written = value.written_as if value else option
-        self.problems.append(Problem(level, message, file, line, self.section.label, written))
-        if level == ERROR:
-            self.failed = True
-            if option is not None:
-                self.bad.add(option)
-
-    def convert(self, table: Mapping[str, Converter], defaults: Mapping[str, Any]) -> dict[str, Any]:
-        """Typed values of the options in ``table`` that the section sets."""
-        fields: dict[str, Any] = {}
-        for option, value in self.section.values.items():
-            convert = table.get(option)
-            if convert is None:
-                continue
-            self.sources[(self.section.label, option)] = value.where
-            if value.text == "" and defaults.get(option, dataclasses.MISSING) in (None, dataclasses.MISSING):
-                continue  # an empty value unsets an option that has no default
-            try:
-                converted = convert(value.text)
-            except ValueError as error:
-                self.problem(ERROR, str(error), option, value)
-                continue
-            if isinstance(converted, WithWarning):
-                self.problem(WARNING, converted.warning, option, value)
-                converted = converted.value
-            fields[option] = converted
-        return fields
-
-    def pairs(self, prefixes: Mapping[str, str], inherited: Optional[Mapping[str, tuple]] = None) -> dict[str, tuple]:
-        """The (suffix, value) tuples of prefixed options, over ``inherited`` ones."""
-        collected: dict[str, dict[str, str]] = {field: dict(inherited.get(field, ())) if inherited else {} for field in prefixes.values()}
-        for option, value in self.section.values.items():
-            prefix = next((p for p in prefixes if option.startswith(p)), None)
-            if prefix is None:
-                continue
-            suffix = option[len(prefix) :]
-            if not OPTION_SUFFIX.match(suffix):
-                self.problem(ERROR, f"the part after {prefix} may only contain a-z, 0-9 and _", option, value)
-                continue
-            self.sources[(self.section.label, option)] = value.where
-            collected[prefixes[prefix]][suffix] = value.text
-        return {field: tuple(sorted(values.items())) for field, values in collected.items()}
-
-    def required(self, fields: Mapping[str, Any], option: str) -> None:
-        if option not in fields and option not in self.bad:
-            self.problem(ERROR, "required option not set", option)
-
-    def at(self, option: str) -> Optional[_Value]:
-        return self.section.values.get(option)
-
-
-@functools.cache
-def _field_defaults(cls: type) -> Mapping[str, Any]:
-    return {field.name: field.default for field in dataclasses.fields(cls)}
-
-
-def _record_defaults(cls: type, label: str, sources: dict, skip: tuple = ()) -> None:
-    """Every field the files did not set comes from its default (or the host)."""
-    for field in dataclasses.fields(cls):
-        if field.name not in skip:
-            sources.setdefault((label, field.name), "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -557,9 +313,9 @@ def _parse_factory(entry: str, factory_name: str) -> FactoryAddress:
     return FactoryAddress(name, address, port)
 
 
-def _build_settings(section: _Section, host: _Host, problems: list[Problem], sources: dict) -> Optional[Settings]:
-    builder = _Builder(section, problems, sources)
-    fields = builder.convert(SETTINGS_OPTIONS, _field_defaults(Settings))
+def _build_settings(section: Section, host: _Host, problems: list[Problem], sources: dict) -> Optional[Settings]:
+    builder = Builder(section, problems, sources)
+    fields = builder.convert(SETTINGS_OPTIONS, field_defaults(Settings))
     fields.update(builder.pairs(SETTINGS_PREFIXES))
     builder.required(fields, "vac_space")
 
@@ -604,15 +360,17 @@ def _build_settings(section: _Section, host: _Host, problems: list[Problem], sou
 
     if builder.failed:
         return None
-    _record_defaults(Settings, section.label, sources, skip=tuple(SETTINGS_PREFIXES.values()))
+    record_defaults(Settings, section.label, sources, skip=tuple(SETTINGS_PREFIXES.values()))
     return Settings(**fields)
 
 
-def _build_machinetype(
-    section: _Section, settings: Settings, problems: list[Problem], sources: dict, *, require_images: bool
+def machinetype_from_section(
+    section: Section, settings: Settings, problems: list[Problem], sources: dict, *, require_images: bool
 ) -> Optional[Machinetype]:
-    builder = _Builder(section, problems, sources)
-    fields = builder.convert(MACHINETYPE_OPTIONS, _field_defaults(Machinetype))
+    """The machinetype of a merged ``[machinetype NAME]`` section, or None (with problems);
+    ``require_images``: root_image and user_data must be set (not for a pipe's override)."""
+    builder = Builder(section, problems, sources)
+    fields = builder.convert(MACHINETYPE_OPTIONS, field_defaults(Machinetype))
     inherited = {"user_data_options": settings.user_data_options, "user_data_files": settings.user_data_files}
     for field, pairs in inherited.items():
         for suffix, _value in pairs:
@@ -623,7 +381,7 @@ def _build_machinetype(
         builder.required(fields, "root_image")
         builder.required(fields, "user_data")
 
-    defaults = _field_defaults(Machinetype)
+    defaults = field_defaults(Machinetype)
     for low, high in (("min_processors", "max_processors"), ("min_wallclock_seconds", "max_wallclock_seconds")):
         low_value, high_value = fields.get(low, defaults[low]), fields.get(high, defaults[high])
         if low_value is not None and low_value > high_value:
@@ -640,11 +398,11 @@ def _build_machinetype(
     if builder.failed:
         return None
     fields["machinetype_path"] = os.path.join(settings.state_dir, "machinetypes", section.name)
-    _record_defaults(Machinetype, section.label, sources, skip=("name", "machinetype_path", *MACHINETYPE_PREFIXES.values()))
+    record_defaults(Machinetype, section.label, sources, skip=("name", "machinetype_path", *MACHINETYPE_PREFIXES.values()))
     return Machinetype(name=section.name, **fields)
 
 
-def _check_container_options(builder: _Builder, fields: dict, settings: Settings) -> None:
+def _check_container_options(builder: Builder, fields: dict, settings: Settings) -> None:
     """The container models' rules (CONTAINERS.md §1): docker:// images for docker/podman only,
     singularity/apptainer need singularity_user, container options only for containers."""
     model = fields.get("machine_model", "cernvm3")
@@ -667,18 +425,20 @@ def _check_container_options(builder: _Builder, fields: dict, settings: Settings
                         value=builder.at("tmp_binds"))
 
 
-def _build_pipe(section: _Section, problems: list[Problem], sources: dict) -> Optional[VacuumPipe]:
-    builder = _Builder(section, problems, sources)
-    fields = builder.convert(PIPE_OPTIONS, _field_defaults(VacuumPipe))
+def pipe_from_section(section: Section, problems: list[Problem], sources: dict) -> Optional[VacuumPipe]:
+    """The vacuum pipe of a merged ``[vacuum_pipe PREFIX]`` section, or None (with problems);
+    its machinetype options are checked now and handed on as text."""
+    builder = Builder(section, problems, sources)
+    fields = builder.convert(PIPE_OPTIONS, field_defaults(VacuumPipe))
     builder.required(fields, "vacuum_pipe_url")
     # The other options are machinetype defaults: check them now, hand them on as text.
     machinetype_values = {option: value for option, value in section.values.items() if option not in PIPE_OPTIONS}
-    check = _Builder(dataclasses.replace(section, values=machinetype_values), problems, sources)
-    check.convert(MACHINETYPE_OPTIONS, _field_defaults(Machinetype))
+    check = Builder(dataclasses.replace(section, values=machinetype_values), problems, sources)
+    check.convert(MACHINETYPE_OPTIONS, field_defaults(Machinetype))
     check.pairs(MACHINETYPE_PREFIXES)
     if builder.failed or check.failed:
         return None
-    _record_defaults(VacuumPipe, section.label, sources, skip=("prefix", "defaults"))
+    record_defaults(VacuumPipe, section.label, sources, skip=("prefix", "defaults"))
     defaults = tuple(sorted((option, value.text) for option, value in machinetype_values.items()))
     return VacuumPipe(prefix=section.name, defaults=defaults, **fields)
 
@@ -697,14 +457,14 @@ def build_machinetype(
     names are mapped, unknown ones warned about. ``machinetype_path`` overrides the default.
     """
     problems: list[Problem] = []
-    section = _Section("machinetype", name, origin, 0)
+    section = Section("machinetype", name, origin, 0)
     if not SECTION_NAME.match(name):
         problems.append(Problem(ERROR, f"name {name!r} may only contain a-z, 0-9 and -", origin, section=section.label))
         return None, problems
-    blocks = [_Block(f"machinetype {name}", origin, 0, [[key.lower(), text, 0] for key, text in options.items()])]
+    blocks = [Block(f"machinetype {name}", origin, 0, [[key.lower(), text, 0] for key, text in options.items()])]
     merged = _merge([(origin, blocks)], problems)
     section = merged.get(("machinetype", name), section)
-    machinetype = _build_machinetype(section, settings, problems, {}, require_images=True)
+    machinetype = machinetype_from_section(section, settings, problems, {}, require_images=True)
     if machinetype is not None and machinetype_path is not None:
         machinetype = dataclasses.replace(machinetype, machinetype_path=machinetype_path)
     if any(problem.is_error for problem in problems):
@@ -732,12 +492,7 @@ def load_config(
     """
     paths = paths or ConfigPaths()
     problems: list[Problem] = []
-    parsed: list[tuple[str, list[_Block]]] = []
-    files = _files_to_read(paths, problems)
-    for path, may_be_missing in files:
-        text = _read_file(path, problems, may_be_missing=may_be_missing)
-        if text is not None:
-            parsed.append((path, _parse_ini(text, path, problems)))
+    files, parsed = read_layers(paths.conf_dir, paths.main_conf, paths.run_confs, problems)
     sections = _merge(parsed, problems)
 
     sources: dict[tuple[str, str], str] = {}
@@ -754,20 +509,18 @@ def load_config(
     pipe_prefixes = tuple(f"{name}-" for kind, name in sections if kind == "vacuum_pipe")
     for (kind, name), section in sorted(sections.items()):
         if kind == "vacuum_pipe":
-            pipe = _build_pipe(section, problems, sources)
+            pipe = pipe_from_section(section, problems, sources)
             if pipe is not None:
                 vacuum_pipes[name] = pipe
         elif kind == "machinetype":
             # A [machinetype PREFIX-SUFFIX] section may only override a pipe's values. Without
             # usable settings the section is still checked, so that all errors are reported.
-            machinetype = _build_machinetype(section, settings or _UNUSABLE_SETTINGS, problems, sources,
+            machinetype = machinetype_from_section(section, settings or _UNUSABLE_SETTINGS, problems, sources,
                                              require_images=not name.startswith(pipe_prefixes))
             if machinetype is not None:
                 machinetypes[name] = machinetype
 
-    order = {path: index for index, (path, _) in enumerate(files)}
-    order.update({paths.conf_dir: -1})
-    problems.sort(key=lambda p: (order.get(p.file, len(order)) if p.file else len(order) + 1, p.line or 0))
+    sort_problems(problems, files, paths.conf_dir)
     if settings is None or any(problem.is_error for problem in problems):
         return None, problems
     return Config(settings, machinetypes, vacuum_pipes, sources), problems

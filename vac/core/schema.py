@@ -27,6 +27,29 @@ import shlex
 import urllib.parse
 from typing import Any, Callable, Optional
 
+from vac.core.values import (
+    BOOLEANS,
+    Converter,
+    WithWarning,
+    absolute_path,
+    any_number,
+    any_text,
+    boolean,
+    dns_name,
+    file_name,
+    host_name,
+    host_port,
+    http_url,
+    integer,
+    ip_address,
+    ip_address_or_all,
+    listen_port,
+    matching,
+    number,
+    one_of,
+    words,
+)
+
 MACHINE_MODELS = ("cernvm3", "cernvm4", "vm-raw")
 ENGINE_MODELS = ("docker", "podman")  # run by container_engine (podman or docker)
 APPTAINER_MODELS = ("singularity", "apptainer")  # run by apptainer (or singularity)
@@ -35,159 +58,19 @@ CONTAINER_MODELS = ENGINE_MODELS + APPTAINER_MODELS
 MAX_REMOTE_CHARS = 65536  # any text value from the network
 
 
-# --- value converters: text -> typed value, or ValueError(message) ------------------------------
+# --- value converters of vac's own options: text -> typed value, or ValueError(message) ----------
 
-Converter = Callable[[str], Any]
-
-_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_DNS_LABEL}(?:\.{_DNS_LABEL})*\Z", re.IGNORECASE)
 SECTION_NAME = re.compile(r"[a-z0-9-]+\Z")
 OPTION_SUFFIX = re.compile(r"[a-z0-9_]+\Z")
-_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
 _DEVICE = re.compile(r"[a-z0-9]{1,16}\Z")
 _INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
 _VOLUME_GROUP = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\Z")
 _LIBVIRT_NAME = re.compile(r"[A-Za-z0-9_.+-]+\Z")
 _LIBVIRT_URI = re.compile(r"[a-z][a-z0-9+.-]*:///?")
-_HOST_PORT = re.compile(r"[a-z0-9.-]+:([0-9]+)\Z")
 _REPOSITORY = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}\Z")
 _ENGINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # podman/docker network, OCI runtime
 _ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]*[$]?\Z")
 _FQAN = re.compile(r"/[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._=-]*)*\Z")
-_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
-
-
-class WithWarning:
-    """A converted value that also deserves a warning (a legacy spelling, say)."""
-
-    def __init__(self, value: Any, warning: str) -> None:
-        self.value = value
-        self.warning = warning
-
-
-def _text(text: str) -> str:
-    return text
-
-
-def _integer(minimum: Optional[int] = None, maximum: Optional[int] = None) -> Converter:
-    def convert(text: str) -> int:
-        if not _INTEGER.match(text):
-            raise ValueError(f"{text!r} is not an integer")
-        value = int(text)
-        if minimum is not None and value < minimum:
-            raise ValueError(f"{text!r} must be at least {minimum}")
-        if maximum is not None and value > maximum:
-            raise ValueError(f"{text!r} must be at most {maximum}")
-        return value
-
-    return convert
-
-
-def _number(minimum: float = 0.0, *, allow_minimum: bool = False) -> Converter:
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{text!r} is not a finite number")
-        if value < minimum or (value == minimum and not allow_minimum):
-            raise ValueError(f"{text!r} must be {'at least' if allow_minimum else 'greater than'} {minimum:g}")
-        return value
-
-    return convert
-
-
-def _any_number(text: str) -> float:
-    return _number(-math.inf)(text)
-
-
-def _boolean(text: str) -> bool:
-    try:
-        return _BOOLEANS[text.lower()]
-    except KeyError:
-        raise ValueError(f"{text!r} is not a boolean (use yes/no, true/false, on/off or 1/0)") from None
-
-
-def _choice(*choices: str) -> Converter:
-    def convert(text: str) -> str:
-        if text not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
-        return text
-
-    return convert
-
-
-def _matching(pattern: re.Pattern, what: str) -> Converter:
-    def convert(text: str) -> str:
-        if not pattern.match(text):
-            raise ValueError(f"{text!r} is not {what}")
-        return text
-
-    return convert
-
-
-def _words(convert_word: Converter) -> Converter:
-    def convert(text: str) -> tuple:
-        return tuple(convert_word(word) for word in text.split())
-
-    return convert
-
-
-def _absolute_path(text: str) -> str:
-    if not text.startswith("/") or "\0" in text:
-        raise ValueError(f"{text!r} is not an absolute path")
-    return text
-
-
-def _file_name(text: str) -> str:
-    if not text or "/" in text or text in (".", "..") or "\0" in text:
-        raise ValueError(f"{text!r} is not a plain file name (no /)")
-    return text
-
-
-def _http_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in text):
-        raise ValueError(f"{text!r} is not an http:// or https:// URL")
-    return text
-
-
-def _ip_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address") from None
-
-
-def _ip_address_or_all(text: str) -> str:
-    return _ip_address(text) if text else ""
-
-
-def parse_port(text: str) -> int:
-    return _integer(1, 65535)(text)
-
-
-def _listen_port(text: str) -> int:
-    return _integer(0, 65535)(text)  # 0: any free port (tests, several daemons on one host)
-
-
-def _dns_name(text: str) -> str:
-    if not DNS_NAME.match(text):
-        raise ValueError(f"{text!r} is not a valid DNS name (letters, digits, - and .)")
-    return text
-
-
-def _host_name(text: str) -> str:
-    return _dns_name(text.lower().rstrip("."))
-
-
-def _host_port(text: str) -> str:
-    text = text.lower()
-    match = _HOST_PORT.match(text)
-    if not match or not 1 <= int(match.group(1)) <= 65535:
-        raise ValueError(f"{text!r} is not host.domain:port")
-    return text
 
 
 def _libvirt_uri(text: str) -> str:
@@ -201,13 +84,13 @@ def _version_logger(text: str) -> Any:
     if legacy is not None:
         return WithWarning(legacy, f"{text!r} is deprecated: give messages per day, here {legacy}")
     try:
-        return _integer(0)(text)
+        return integer(0)(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an integer (messages per day)") from None
 
 
 def _machine_model(text: str) -> str:
-    return _choice(*MACHINE_MODELS, *CONTAINER_MODELS)(text)
+    return one_of(*MACHINE_MODELS, *CONTAINER_MODELS)(text)
 
 
 def _root_image(text: str) -> str:
@@ -217,18 +100,18 @@ def _root_image(text: str) -> str:
             raise ValueError(f"{text!r} does not name an image after docker://")
         return text
     if text.startswith(("http://", "https://")):
-        return _http_url(text)
+        return http_url(text)
     if text.startswith("/"):
-        return _absolute_path(text)
+        return absolute_path(text)
     try:
-        return _file_name(text)
+        return file_name(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an absolute path, an http(s) URL or a file name") from None
 
 
 def _user_data(text: str) -> str:
     if text.startswith(("http://", "https://")):
-        return _http_url(text)
+        return http_url(text)
     if ".." in text.split("/") or "\0" in text or not text:
         raise ValueError(f"{text!r} is not a path without .. or an http(s) URL")
     return text
@@ -238,7 +121,7 @@ def _container_network(text: str) -> str:
     if text == "host":
         raise ValueError("'host' would let containers reach the host's local services: "
                          "use bridge, none or a network made for them")
-    return _matching(_ENGINE_NAME, "a network name")(text)
+    return matching(_ENGINE_NAME, "a network name")(text)
 
 
 def _container_command(text: str) -> str:
@@ -252,7 +135,7 @@ def _container_command(text: str) -> str:
 
 
 def _container_path(text: str) -> str:
-    path = _absolute_path(text)
+    path = absolute_path(text)
     if path == "/" or ".." in path.split("/") or ":" in path or "," in path:
         raise ValueError(f"{text!r} is not an absolute container path without .., : or ,")
     return path
@@ -436,7 +319,7 @@ def family(prefix: str, *, remote: Optional[Check] = None) -> Any:
     return dataclasses.field(default=(), metadata={_FAMILY: (prefix, remote)})
 
 
-_share = _number(0.0, allow_minimum=True)
+_share = number(0.0, allow_minimum=True)
 
 
 # --- the options ---------------------------------------------------------------------------------
@@ -465,78 +348,78 @@ class FactoryAddress:
 class Settings:
     """The ``[settings]`` section. Defaults are the classic ones (REFERENCE.md §1.2)."""
 
-    vac_space: str = option(_dns_name)
-    factory_name: str = option(_host_name)  # default: the host's FQDN; must contain a dot
-    description: Optional[str] = option(_text, default=None)
+    vac_space: str = option(dns_name)
+    factory_name: str = option(host_name)  # default: the host's FQDN; must contain a dot
+    description: Optional[str] = option(any_text, default=None)
     # entries checked once factory_name is known
-    factories: tuple[FactoryAddress, ...] = option(_words(str.lower), default=())
-    udp_timeout_seconds: float = option(_number(0.0), default=10.0)
-    mb_per_processor: int = option(_integer(1), default=2048)
-    hs06_per_processor: Optional[float] = option(_number(0.0), default=None)
-    processors_per_superslot: int = option(_integer(1), default=1)
+    factories: tuple[FactoryAddress, ...] = option(words(str.lower), default=())
+    udp_timeout_seconds: float = option(number(0.0), default=10.0)
+    mb_per_processor: int = option(integer(1), default=2048)
+    hs06_per_processor: Optional[float] = option(number(0.0), default=None)
+    processors_per_superslot: int = option(integer(1), default=1)
     # load_config fills in the host's logical processors
-    total_processors: Optional[int] = option(_integer(1), default=None)
-    overload_per_processor: float = option(_number(0.0), default=1.25)
-    shutdown_time: Optional[int] = option(_integer(0), default=None)
-    draining: bool = option(_boolean, default=False)
-    gocdb_sitename: Optional[str] = option(_text, default=None)
-    gocdb_cert_file: Optional[str] = option(_absolute_path, default=None)
-    gocdb_key_file: Optional[str] = option(_absolute_path, default=None)
+    total_processors: Optional[int] = option(integer(1), default=None)
+    overload_per_processor: float = option(number(0.0), default=1.25)
+    shutdown_time: Optional[int] = option(integer(0), default=None)
+    draining: bool = option(boolean, default=False)
+    gocdb_sitename: Optional[str] = option(any_text, default=None)
+    gocdb_cert_file: Optional[str] = option(absolute_path, default=None)
+    gocdb_key_file: Optional[str] = option(absolute_path, default=None)
     # classic default 1 (phone-home); ours is off by default
     version_logger: int = option(_version_logger, default=0)
-    vacmon_hostport: tuple[str, ...] = option(_words(_host_port), default=())
-    volume_group: Optional[str] = option(_matching(_VOLUME_GROUP, "an LVM volume group name"), default=None)
-    disk_gb_per_processor: Optional[float] = option(_number(0.0), default=None)
-    root_public_key: str = option(_absolute_path, default="/root/.ssh/id_rsa.pub")
-    fix_networking: bool = option(_boolean, default=True)
-    forward_dev: Optional[str] = option(_matching(_INTERFACE, "a network interface name"), default=None)
+    vacmon_hostport: tuple[str, ...] = option(words(host_port), default=())
+    volume_group: Optional[str] = option(matching(_VOLUME_GROUP, "an LVM volume group name"), default=None)
+    disk_gb_per_processor: Optional[float] = option(number(0.0), default=None)
+    root_public_key: str = option(absolute_path, default="/root/.ssh/id_rsa.pub")
+    fix_networking: bool = option(boolean, default=True)
+    forward_dev: Optional[str] = option(matching(_INTERFACE, "a network interface name"), default=None)
     # (XXX, value) pairs sorted by XXX, from the options named machinefeatures_option_XXX etc.
     machinefeatures_options: tuple[tuple[str, str], ...] = family("machinefeatures_option_")
     user_data_options: tuple[tuple[str, str], ...] = family("user_data_option_")
     user_data_files: tuple[tuple[str, str], ...] = family("user_data_file_")
     # New settings: classic values as defaults, every path overridable.
-    state_dir: str = option(_absolute_path, default="/var/lib/vac")
+    state_dir: str = option(absolute_path, default="/var/lib/vac")
     libvirt_uri: str = option(_libvirt_uri, default="qemu:///system")
-    domain_type: str = option(_choice("kvm", "qemu"), default="kvm")
-    vacquery_port: int = option(_listen_port, default=995)
-    vacquery_address: str = option(_ip_address_or_all, default="")  # "" = all interfaces
-    vacquery_secret_file: Optional[str] = option(_absolute_path, default=None)
-    vacquery_allow_unauthenticated: bool = option(_boolean, default=True)
-    metadata_address: str = option(_ip_address, default="169.254.169.254")
-    mjf_address: str = option(_ip_address, default="169.254.169.253")
-    http_port: int = option(_listen_port, default=80)
-    network_name: str = option(_matching(_LIBVIRT_NAME, "a libvirt network name"), default="vac_169.254.0.0")
+    domain_type: str = option(one_of("kvm", "qemu"), default="kvm")
+    vacquery_port: int = option(listen_port, default=995)
+    vacquery_address: str = option(ip_address_or_all, default="")  # "" = all interfaces
+    vacquery_secret_file: Optional[str] = option(absolute_path, default=None)
+    vacquery_allow_unauthenticated: bool = option(boolean, default=True)
+    metadata_address: str = option(ip_address, default="169.254.169.254")
+    mjf_address: str = option(ip_address, default="169.254.169.253")
+    http_port: int = option(listen_port, default=80)
+    network_name: str = option(matching(_LIBVIRT_NAME, "a libvirt network name"), default="vac_169.254.0.0")
     # "nat" or "none" (isolated network, used by tests)
-    network_forward: str = option(_choice("nat", "none"), default="nat")
-    bridge_name: Optional[str] = option(_matching(_INTERFACE, "a bridge name (at most 15 characters)"),
+    network_forward: str = option(one_of("nat", "none"), default="nat")
+    bridge_name: Optional[str] = option(matching(_INTERFACE, "a bridge name (at most 15 characters)"),
                                         default=None)  # None: libvirt chooses
-    max_creating: int = option(_integer(1), default=4)  # creations in flight at once
+    max_creating: int = option(integer(1), default=4)  # creations in flight at once
     # VMs of a type with unproven work that may be young at once
-    max_probes: int = option(_integer(1), default=2)
-    reconcile_seconds: float = option(_number(0.0), default=60.0)
-    stop_grace_seconds: float = option(_number(0.0, allow_minimum=True), default=30.0)
-    peer_cache_seconds: float = option(_number(0.0, allow_minimum=True), default=30.0)
-    apel_version: str = option(_choice("0.3", "0.4"), default="0.3")
-    hepscore23_per_processor: Optional[float] = option(_number(0.0), default=None)
+    max_probes: int = option(integer(1), default=2)
+    reconcile_seconds: float = option(number(0.0), default=60.0)
+    stop_grace_seconds: float = option(number(0.0, allow_minimum=True), default=30.0)
+    peer_cache_seconds: float = option(number(0.0, allow_minimum=True), default=30.0)
+    apel_version: str = option(one_of("0.3", "0.4"), default="0.3")
+    hepscore23_per_processor: Optional[float] = option(number(0.0), default=None)
     # Prometheus endpoint on 127.0.0.1, off by default
-    metrics_port: Optional[int] = option(_listen_port, default=None)
-    joboutputs_file_max_bytes: int = option(_integer(1), default=1024 * 1024)  # one upload to joboutputs
+    metrics_port: Optional[int] = option(listen_port, default=None)
+    joboutputs_file_max_bytes: int = option(integer(1), default=1024 * 1024)  # one upload to joboutputs
     # all of one machine's joboutputs
-    joboutputs_total_max_bytes: int = option(_integer(1), default=10 * 1024 * 1024)
-    joboutputs_max_files: int = option(_integer(1), default=100)
-    kernel: Optional[str] = option(_absolute_path, default=None)  # direct kernel boot (test guests)
-    initrd: Optional[str] = option(_absolute_path, default=None)
-    kernel_cmdline: Optional[str] = option(_text, default=None)
+    joboutputs_total_max_bytes: int = option(integer(1), default=10 * 1024 * 1024)
+    joboutputs_max_files: int = option(integer(1), default=100)
+    kernel: Optional[str] = option(absolute_path, default=None)  # direct kernel boot (test guests)
+    initrd: Optional[str] = option(absolute_path, default=None)
+    kernel_cmdline: Optional[str] = option(any_text, default=None)
     # Container machine models (docker/podman, singularity/apptainer).
     # runs the docker and podman models: podman or docker
-    container_engine: str = option(_choice("podman", "docker"), default="podman")
+    container_engine: str = option(one_of("podman", "docker"), default="podman")
     # OCI runtime (runc, crun); None: the engine's
-    container_runtime: Optional[str] = option(_matching(_ENGINE_NAME, "an OCI runtime name like runc or crun"),
+    container_runtime: Optional[str] = option(matching(_ENGINE_NAME, "an OCI runtime name like runc or crun"),
                                               default=None)
     # the engine's network for docker/podman containers
     container_network: str = option(_container_network, default="bridge")
     # account running singularity/apptainer containers
-    singularity_user: Optional[str] = option(_matching(_ACCOUNT, "an account name"), default=None)
+    singularity_user: Optional[str] = option(matching(_ACCOUNT, "an account name"), default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,34 +431,34 @@ class Machinetype:
     user_data: Optional[str] = option(_user_data, default=None, remote=_remote_user_data)
     target_share: float = option(_share, default=0.0, remote=_between(0, 10**9))
     machine_model: str = option(_machine_model, default="cernvm3", remote=_remote_machine_model)
-    root_device: str = option(_matching(_DEVICE, "a device name of a-z and 0-9 like vda"), default="vda")
-    scratch_device: str = option(_matching(_DEVICE, "a device name of a-z and 0-9 like vdb"), default="vdb")
+    root_device: str = option(matching(_DEVICE, "a device name of a-z and 0-9 like vda"), default="vda")
+    scratch_device: str = option(matching(_DEVICE, "a device name of a-z and 0-9 like vdb"), default="vdb")
     # (XXX, value) sorted by XXX: [settings] user_data_option_XXX overridden by this section's
     user_data_options: tuple[tuple[str, str], ...] = family("user_data_option_", remote=_remote_option_text)
     user_data_files: tuple[tuple[str, str], ...] = family("user_data_file_", remote=_remote_file_name)
-    user_data_proxy: bool = option(_boolean, default=False)
-    legacy_proxy: bool = option(_boolean, default=False)
-    min_processors: int = option(_integer(1), default=1, remote=_between(1, 4096))
-    max_processors: int = option(_integer(1), default=1, remote=_between(1, 4096))
-    max_wallclock_seconds: int = option(_integer(1), default=86400, remote=_between(1, 10**8))
+    user_data_proxy: bool = option(boolean, default=False)
+    legacy_proxy: bool = option(boolean, default=False)
+    min_processors: int = option(integer(1), default=1, remote=_between(1, 4096))
+    max_processors: int = option(integer(1), default=1, remote=_between(1, 4096))
+    max_wallclock_seconds: int = option(integer(1), default=86400, remote=_between(1, 10**8))
     # None: = max_wallclock_seconds
-    min_wallclock_seconds: Optional[int] = option(_integer(0), default=None, remote=_between(0, 10**8))
-    backoff_seconds: int = option(_integer(0), default=10, remote=_between(0, 10**7))
-    fizzle_seconds: int = option(_integer(0), default=600, remote=_between(0, 10**7))
-    heartbeat_file: Optional[str] = option(_file_name, default=None, remote=_remote_file_name)
-    heartbeat_seconds: int = option(_integer(0), default=0, remote=_between(0, 10**7))
+    min_wallclock_seconds: Optional[int] = option(integer(0), default=None, remote=_between(0, 10**8))
+    backoff_seconds: int = option(integer(0), default=10, remote=_between(0, 10**7))
+    fizzle_seconds: int = option(integer(0), default=600, remote=_between(0, 10**7))
+    heartbeat_file: Optional[str] = option(file_name, default=None, remote=_remote_file_name)
+    heartbeat_seconds: int = option(integer(0), default=0, remote=_between(0, 10**7))
     accounting_fqan: Optional[str] = option(_fqan, default=None, remote=_remote_fqan)
     # None: accounting_fqan, else the machinetype name
-    machinegroup: Optional[str] = option(_text, default=None, remote=LOCAL_ONLY)
-    machines_dir_days: float = option(_any_number, default=3.0, remote=LOCAL_ONLY)  # <= 0: never expire
+    machinegroup: Optional[str] = option(any_text, default=None, remote=LOCAL_ONLY)
+    machines_dir_days: float = option(any_number, default=3.0, remote=LOCAL_ONLY)  # <= 0: never expire
     image_signing_dn: Optional[str] = option(_regex, default=None, remote=_remote_signing_dn)
-    disk_gb_per_processor: Optional[float] = option(_number(0.0), default=None, remote=_between(0.001, 10**5))
+    disk_gb_per_processor: Optional[float] = option(number(0.0), default=None, remote=_between(0.001, 10**5))
     cvmfs_repositories: tuple[str, ...] = option(
-        _words(_matching(_REPOSITORY, "a CernVM-FS repository name")), default=(), remote=_remote_repositories)
+        words(matching(_REPOSITORY, "a CernVM-FS repository name")), default=(), remote=_remote_repositories)
     # None: /user_data (container models only); pipes define VM machinetypes only
     container_command: Optional[str] = option(_container_command, default=None, remote=LOCAL_ONLY)
     # container paths given fresh scratch directories
-    tmp_binds: tuple[str, ...] = option(_words(_container_path), default=(), remote=LOCAL_ONLY)
+    tmp_binds: tuple[str, ...] = option(words(_container_path), default=(), remote=LOCAL_ONLY)
     machinetype_path: str = ""  # <state_dir>/machinetypes/<name or pipe prefix>
 
     @property
@@ -594,7 +477,7 @@ class VacuumPipe:
     """One ``[vacuum_pipe PREFIX]`` section; expanded into machinetypes by vac.content.pipes."""
 
     prefix: str
-    vacuum_pipe_url: str = option(_http_url)
+    vacuum_pipe_url: str = option(http_url)
     target_share: float = option(_share, default=0.0)
     # other options (machinetype option names, raw text) copied to each machinetype, sorted
     defaults: tuple[tuple[str, str], ...] = ()
@@ -663,7 +546,7 @@ def _remote_text(kind: str, value: Any) -> str:
     if isinstance(value, str):
         _longest(MAX_REMOTE_CHARS)(value)
         text = value if kind == "text" else value.strip()
-        if kind == "boolean" and text.lower() not in _BOOLEANS:
+        if kind == "boolean" and text.lower() not in BOOLEANS:
             raise ValueError(f"must be true or false, not {show(value)}")
         if (kind == "integer" and not _REMOTE_INTEGER.match(text)) or (
                 kind == "number" and not _REMOTE_NUMBER.match(text)):

@@ -19,8 +19,31 @@ import difflib
 import re
 from typing import Any, Optional
 
-from vac.core import config as vacconfig
-from vac.core.config import ERROR, WARNING, ConfigPaths, Machinetype, Problem, Settings
+from vac.core import values
+from vac.core.config import (
+    DEPRECATED_OPTIONS,
+    MACHINETYPE_OPTIONS,
+    MACHINETYPE_PREFIXES,
+    OBSOLETE_OPTIONS,
+    PIPE_OPTIONS,
+    ConfigPaths,
+    Machinetype,
+    Settings,
+    machinetype_from_section,
+    pipe_from_section,
+)
+from vac.core.ini import (
+    ERROR,
+    WARNING,
+    Builder,
+    Problem,
+    Section,
+    Value,
+    field_defaults,
+    read_layers,
+    record_defaults,
+    sort_problems,
+)
 
 DEFAULT_CONF_DIR = "/etc/vcycle.d"
 DEFAULT_MAIN_CONF = "/etc/vcycle.conf"
@@ -122,7 +145,7 @@ def _password_base64(text: str) -> str:
 def _api(text: str) -> str:
     if text in ("azure", "occi", "dbce", "google", "creamce"):
         raise ValueError(f"{text!r} is not supported by this version (use {' or '.join(APIS)})")
-    return vacconfig._choice(*APIS)(text)
+    return values.one_of(*APIS)(text)
 
 
 def _api_version(text: str) -> str:
@@ -135,43 +158,43 @@ def _api_version(text: str) -> str:
 
 def _glance_api(text: str) -> Any:
     """Classic files must say 1 or 2; v2 is used either way (Glance v1 is gone from clouds)."""
-    value = vacconfig._choice("1", "2")(text)
-    return vacconfig._WithWarning(value, "Glance v1 is not supported: v2 is used") if value == "1" else value
+    value = values.one_of("1", "2")(text)
+    return values.WithWarning(value, "Glance v1 is not supported: v2 is used") if value == "1" else value
 
 
 def _ca_certificates(text: str) -> str:
-    return text if text == "system" else vacconfig._absolute_path(text)
+    return text if text == "system" else values.absolute_path(text)
 
 
-_words = vacconfig._words(vacconfig._matching(_WORD, "a word"))
+_words = values.words(values.matching(_WORD, "a word"))
 
 SPACE_OPTIONS: dict[str, Any] = {
     "api": _api,
     "api_version": _api_version,
-    "url": vacconfig._http_url,
-    "region": vacconfig._text,
-    "processors_limit": vacconfig._integer(0),
+    "url": values.http_url,
+    "region": values.any_text,
+    "processors_limit": values.integer(0),
     "flavor_names": _words,
-    "shutdown_time": vacconfig._integer(0),
-    "gocdb_sitename": vacconfig._text,
-    "vacmon_hostport": vacconfig._words(vacconfig._host_port),
-    "https_host": vacconfig._host_name,
-    "https_port": vacconfig._port,
-    "cleanup_hours": vacconfig._integer(0),
+    "shutdown_time": values.integer(0),
+    "gocdb_sitename": values.any_text,
+    "vacmon_hostport": values.words(values.host_port),
+    "https_host": values.host_name,
+    "https_port": values.parse_port,
+    "cleanup_hours": values.integer(0),
     "ca_certificates": _ca_certificates,
-    "max_creations": vacconfig._integer(1),
+    "max_creations": values.integer(1),
     "glance_api": _glance_api,
-    "project_name": vacconfig._text,
-    "domain_name": vacconfig._text,
-    "username": vacconfig._text,
+    "project_name": values.any_text,
+    "domain_name": values.any_text,
+    "username": values.any_text,
     "password_base64": _password_base64,  # Space.password, decoded
-    "cred_id": vacconfig._text,
-    "cred_secret": vacconfig._text,
+    "cred_id": values.any_text,
+    "cred_secret": values.any_text,
     "zones": _words,
     "security_groups": _words,
-    "network_uuid": vacconfig._text,
-    "access_key": vacconfig._text,
-    "secret_key": vacconfig._text,
+    "network_uuid": values.any_text,
+    "access_key": values.any_text,
+    "secret_key": values.any_text,
 }
 _OPENSTACK_ONLY = ("project_name", "username", "password_base64", "cred_id", "cred_secret", "zones",
                    "security_groups", "network_uuid", "glance_api", "api_version")
@@ -179,19 +202,19 @@ _EC2_ONLY = ("access_key", "secret_key")
 
 CLOUD_MACHINETYPE_OPTIONS: dict[str, Any] = {
     "flavor_names": _words,
-    "processors_limit": vacconfig._integer(0),
-    "max_machines": vacconfig._integer(0),
-    "max_starting_processors": vacconfig._integer(0),
-    "root_public_key": vacconfig._absolute_path,
-    "https_x509dn": vacconfig._text,
-    "cvmfs_proxy_machinetype": vacconfig._matching(re.compile(r"[a-z0-9-]+(:[0-9]{1,5})?\Z"), "NAME or NAME:PORT"),
-    "hs06_per_processor": vacconfig._number(0.0),
-    "mb_per_processor": vacconfig._integer(1),
+    "processors_limit": values.integer(0),
+    "max_machines": values.integer(0),
+    "max_starting_processors": values.integer(0),
+    "root_public_key": values.absolute_path,
+    "https_x509dn": values.any_text,
+    "cvmfs_proxy_machinetype": values.matching(re.compile(r"[a-z0-9-]+(:[0-9]{1,5})?\Z"), "NAME or NAME:PORT"),
+    "hs06_per_processor": values.number(0.0),
+    "mb_per_processor": values.integer(1),
 }
 
 RENAMED: dict[str, dict[str, str]] = {
     "space": {"max_processors": "processors_limit", "tenancy_name": "project_name"},
-    "machinetype": {**vacconfig.DEPRECATED_OPTIONS["machinetype"], "flavor_name": "flavor_names",
+    "machinetype": {**DEPRECATED_OPTIONS["machinetype"], "flavor_name": "flavor_names",
                     "cpu_per_machine": "min_processors", "processors_per_machine": "min_processors",
                     "x509dn": "https_x509dn"},
 }
@@ -203,7 +226,7 @@ IGNORED: dict[str, dict[str, str]] = {
               "gocdb_cert_file": "obsolete and ignored", "gocdb_key_file": "obsolete and ignored",
               "os_shutdown_timeout": "ignored"},
     "machinetype": {
-        **{option: message for option, message in vacconfig.OBSOLETE_OPTIONS["machinetype"].items()
+        **{option: message for option, message in OBSOLETE_OPTIONS["machinetype"].items()
            if option not in CLOUD_MACHINETYPE_OPTIONS},
         "log_joboutputs": _IGNORED_MT, "joboutputs_days": _IGNORED_MT,
         "remote_joboutputs_url": _IGNORED_MT, "remote_joboutputs_cert": _IGNORED_MT,
@@ -217,12 +240,12 @@ def _known(kind: str) -> dict[str, Any]:
     if kind == "space":
         return SPACE_OPTIONS
     if kind == "machinetype":
-        return {**vacconfig.MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS}
-    return {**vacconfig.MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS, **vacconfig.PIPE_OPTIONS}
+        return {**MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS}
+    return {**MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS, **PIPE_OPTIONS}
 
 
 @dataclasses.dataclass
-class _Section(vacconfig._Section):
+class _Section(Section):
     """A vac section with the space in its label: ``[machinetype SPACE NAME]``."""
 
     space: str = ""
@@ -276,7 +299,7 @@ def _merge(files: list, problems: list[Problem]) -> dict[tuple[str, str, str], _
                     problems.append(Problem(WARNING, f"deprecated: use {canonical}", file, line, section.label, option))
                 if option in ignored:
                     complaint = (WARNING, ignored[option])
-                elif canonical not in known and not canonical.startswith(tuple(vacconfig.MACHINETYPE_PREFIXES)):
+                elif canonical not in known and not canonical.startswith(tuple(MACHINETYPE_PREFIXES)):
                     close = difflib.get_close_matches(canonical, list(known), n=1)
                     complaint = (WARNING, "unknown option ignored" + (f" (did you mean {close[0]}?)" if close else ""))
                 elif (key, canonical) in set_here:
@@ -285,14 +308,14 @@ def _merge(files: list, problems: list[Problem]) -> dict[tuple[str, str, str], _
                     problems.append(Problem(*complaint, file, line, section.label, option))
                     continue
                 set_here[(key, canonical)] = line
-                section.values[canonical] = vacconfig._Value(text, file, line, option)
+                section.values[canonical] = Value(text, file, line, option)
     return sections
 
 
 def _build_space(section: _Section, machinetypes: dict, pipes: dict, problems: list[Problem],
                  sources: dict) -> Optional[Space]:
-    builder = vacconfig._Builder(section, problems, sources)
-    fields = builder.convert(SPACE_OPTIONS, vacconfig._field_defaults(Space))
+    builder = Builder(section, problems, sources)
+    fields = builder.convert(SPACE_OPTIONS, field_defaults(Space))
     builder.required(fields, "api")
     api = fields.get("api")
     builder.required(fields, "url")
@@ -329,7 +352,7 @@ def _build_space(section: _Section, machinetypes: dict, pipes: dict, problems: l
         fields.pop(checked_only, None)
     if "password_base64" in fields:
         fields["password"] = fields.pop("password_base64")
-    vacconfig._record_defaults(Space, section.label, sources, skip=("name", "machinetypes", "vacuum_pipes"))
+    record_defaults(Space, section.label, sources, skip=("name", "machinetypes", "vacuum_pipes"))
     return Space(name=section.space, machinetypes=machinetypes, vacuum_pipes=pipes, **fields)
 
 
@@ -337,16 +360,16 @@ def _build_machinetype(section: _Section, problems: list[Problem], sources: dict
                        hostname: str) -> Optional[CloudMachinetype]:
     values = dict(section.values)
     if "max_processors" not in values:
-        values["max_processors"] = vacconfig._Value(str(UNBOUNDED_PROCESSORS), "default", 0, "max_processors")
+        values["max_processors"] = Value(str(UNBOUNDED_PROCESSORS), "default", 0, "max_processors")
     vac_section = dataclasses.replace(section, values=values)
     for required in ("backoff_seconds", "fizzle_seconds"):  # required by classic vcycle
         if required not in values:
             problems.append(Problem(ERROR, "required option not set", section.file, section.line,
                                     section.label, required))
     settings = Settings(vac_space=section.space, factory_name=hostname, state_dir=STATE_DIR)
-    machinetype = vacconfig._build_machinetype(vac_section, settings, problems, sources, require_images=True)
-    builder = vacconfig._Builder(section, problems, sources)
-    fields = builder.convert(CLOUD_MACHINETYPE_OPTIONS, vacconfig._field_defaults(CloudMachinetype))
+    machinetype = machinetype_from_section(vac_section, settings, problems, sources, require_images=True)
+    builder = Builder(section, problems, sources)
+    fields = builder.convert(CLOUD_MACHINETYPE_OPTIONS, field_defaults(CloudMachinetype))
     if machinetype is None or builder.failed or any(p.is_error and p.section == section.label for p in problems):
         return None
     path = f"{STATE_DIR}/spaces/{section.space}/machinetypes/{section.name}"
@@ -358,12 +381,7 @@ def load_vcycle_config(paths: Optional[ConfigPaths] = None, *,
     """Read and check vcycle's configuration; the VcycleConfig is None if any problem is an error."""
     paths = paths or ConfigPaths(DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF, ())
     problems: list[Problem] = []
-    files = vacconfig._files_to_read(paths, problems)
-    parsed = []
-    for path, may_be_missing in files:
-        text = vacconfig._read_file(path, problems, may_be_missing=may_be_missing)
-        if text is not None:
-            parsed.append((path, vacconfig._parse_ini(text, path, problems)))
+    files, parsed = read_layers(paths.conf_dir, paths.main_conf, paths.run_confs, problems)
     sections = _merge(parsed, problems)
     sources: dict = {}
     machinetypes: dict[str, dict] = {}
@@ -377,7 +395,7 @@ def load_vcycle_config(paths: Optional[ConfigPaths] = None, *,
             if built is not None:
                 machinetypes.setdefault(space, {})[name] = built
         elif kind == "vacuum_pipe":
-            pipe = vacconfig._build_pipe(section, problems, sources)
+            pipe = pipe_from_section(section, problems, sources)
             if pipe is not None:
                 pipes.setdefault(space, {})[name] = pipe
     spaces = {}
@@ -389,8 +407,7 @@ def load_vcycle_config(paths: Optional[ConfigPaths] = None, *,
     if not sections:
         read = ", ".join(path for path, _ in parsed) or "no files"
         problems.append(Problem(ERROR, f"no [space NAME] section (read: {read}; also looked in {paths.conf_dir})"))
-    order = {path: index for index, (path, _) in enumerate(files)}
-    problems.sort(key=lambda p: (order.get(p.file, len(order)) if p.file else len(order) + 1, p.line or 0))
+    sort_problems(problems, files, paths.conf_dir)
     if any(problem.is_error for problem in problems):
         return None, problems
     return VcycleConfig(spaces, sources), problems
