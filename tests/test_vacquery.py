@@ -478,6 +478,39 @@ def test_responder_drops_bad_queries_silently_with_a_rate_limited_log(data, reas
     assert len(lines) == 1  # one line, not one per datagram
 
 
+def foreign_space(number: int) -> bytes:
+    return vacquery.encode_query(vacquery.MACHINES, f"space{number}.example.org", COOKIE)
+
+
+def unknown_method(number: int) -> bytes:
+    return json.dumps({"method": f"method{number}", "space": SPACE, "cookie": COOKIE}).encode()
+
+
+@pytest.mark.parametrize("datagram, reason, first", [
+    (foreign_space, "space is not ours", "'space0.example.org'"),
+    (unknown_method, "malformed query", "'method0'"),
+])
+def test_distinct_texts_from_one_source_add_no_log_lines_or_counters(datagram, reason, first, caplog):
+    """Drop reasons are a fixed set: 1,000 different spaces (or methods) sent at the highest
+    rate a source is allowed make one log line a minute and one counter, not one of each per
+    text."""
+    clock = Clock()
+    responder = vacquery.Responder(make_settings(), lambda: SNAPSHOT, clock=clock,
+                                   wall_clock=lambda: NOW)
+    responder.attach(RecordingSocket())
+    for number in range(1000):  # 50 s at the default 20 queries a second
+        responder.datagram_received(datagram(number), ("198.51.100.7", 5000))
+        clock.now += 1 / vq_responder.DEFAULT_QUERY_RATE
+    lines = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert len(lines) == 1 and reason in lines[0] and first in lines[0], lines
+    assert responder.drops.counts == {reason: 1000}
+    clock.now += 60  # the next period's line counts the rest and shows its own first value
+    responder.datagram_received(datagram(1000), ("198.51.100.7", 5000))
+    lines = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert len(lines) == 2 and first.replace("0", "1000", 1) in lines[1]
+    assert "999 more like it" in lines[1] and responder.drops.counts == {reason: 1001}
+
+
 def test_responder_survives_a_failing_status_provider(caplog):
     responder, _ = make_responder()
 
@@ -487,7 +520,7 @@ def test_responder_survives_a_failing_status_provider(caplog):
     responder.status_provider = broken
     for _ in range(3):
         responder.datagram_received(vacquery.encode_query(vacquery.MACHINES, SPACE, COOKIE), ("192.0.2.2", 1))
-    assert responder.sock.sent == [] and responder.drops.counts["internal error: RuntimeError"] == 3
+    assert responder.sock.sent == [] and responder.drops.counts == {"internal error": 3}
     [line] = [record for record in caplog.records if "internal error" in record.getMessage()]
     assert line.exc_info is not None  # the traceback, once
     responder.status_provider = lambda: None  # before the daemon's first cycle

@@ -66,8 +66,15 @@ def factory_address(entry: Union[FactoryAddress, str], settings: Settings) -> Fa
     return FactoryAddress(name=name)
 
 
+DETAIL_CHARS = 200  # of a dropped datagram's detail in the log line
+
+
 class DropCounter:
-    """Datagrams dropped by reason; the responder logs each reason at most once a minute."""
+    """Datagrams dropped by reason; the responder logs each reason at most once a minute.
+
+    ``reason`` must come from a fixed set: each new text would be a new key, logged at once and
+    counted for ever. What the datagram itself said goes in ``detail``, which the reason's one
+    line of the period shows (that of the drop that logs it; the others are only counted)."""
 
     def __init__(self, what: str, log_interval: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -78,7 +85,8 @@ class DropCounter:
         self._last_logged: dict = {}
         self._unlogged: dict = {}
 
-    def drop(self, reason: str, source: Any, log_now: bool = True, exc_info: bool = False) -> None:
+    def drop(self, reason: str, source: Any, log_now: bool = True, exc_info: bool = False,
+             detail: str = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if not log_now:
             return
@@ -90,5 +98,6 @@ class DropCounter:
         self._last_logged[reason] = now
         suppressed = self._unlogged.pop(reason, 0)
         more = f" ({suppressed} more like it since the last such line)" if suppressed else ""
-        log.warning("%s: dropped datagram from %s: %s%s", self.what, source, reason, more,
+        shown = f" ({detail[:DETAIL_CHARS]})" if detail else ""
+        log.warning("%s: dropped datagram from %s: %s%s%s", self.what, source, reason, shown, more,
                     exc_info=exc_info)

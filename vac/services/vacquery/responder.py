@@ -1,7 +1,8 @@
 """The VacQuery responder: an endpoint on vacd's event loop answering from the daemon's
 in-memory status, with a per-source rate limit and no amplification towards sources outside
 the space. Nothing raises out of the receive path: a datagram that fails any check is dropped
-and counted, with a rate-limited log line."""
+and counted under one of a fixed set of reasons, with at most one log line per reason a minute
+(what the datagram said shown in it), however many sources or distinct texts there are."""
 
 from __future__ import annotations
 
@@ -204,7 +205,7 @@ class Responder:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:  # e.g. ICMP errors reported on the socket
-                self.drops.drop(f"socket error: {error.strerror or error}", "-")
+                self.drops.drop("socket error", "-", detail=str(error.strerror or error))
                 return
             self.datagram_received(data, addr)
 
@@ -212,7 +213,8 @@ class Responder:
         try:
             self._answer(data, addr)
         except Exception as error:  # a bug must never stop the responder
-            self.drops.drop(f"internal error: {error.__class__.__name__}", addr[0], exc_info=True)
+            self.drops.drop("internal error", addr[0], exc_info=True,
+                            detail=error.__class__.__name__)
 
     def _answer(self, data: bytes, addr: tuple) -> None:
         source = addr[0]
@@ -222,13 +224,13 @@ class Responder:
         try:
             query, message = parse_query(data)
         except DatagramError as error:
-            self.drops.drop(str(error), source)
+            self.drops.drop("malformed query", source, detail=str(error))
             return
         if query.space != self.settings.vac_space:
-            self.drops.drop(f"space {query.space[:80]!r} is not ours", source)
+            self.drops.drop("space is not ours", source, detail=repr(query.space[:80]))
             return
         problem = self.authenticator.check(data, message, source)
-        if problem:
+        if problem:  # one of the authenticator's fixed texts
             self.drops.drop(problem, source)
             return
         replies = self._replies(query.kind, query.cookie)
@@ -255,7 +257,7 @@ class Responder:
         except (BlockingIOError, InterruptedError):
             self.drops.drop("send buffer full", addr[0])
         except OSError as error:
-            self.drops.drop(f"cannot send: {error.strerror or error}", addr[0])
+            self.drops.drop("cannot send", addr[0], detail=str(error.strerror or error))
 
     def _send_batch(self, batch: list, addr: tuple) -> None:
         if len(batch) == 1:
