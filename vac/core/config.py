@@ -31,7 +31,6 @@ located problems, are vac.core.ini's (the classic ``RawConfigParser`` syntax).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import ipaddress
 import os
@@ -46,10 +45,11 @@ from vac.core.ini import (
     Block,
     Builder,
     ConfigError,
+    OptionRules,
     Problem,
     Section,
-    Value,
     field_defaults,
+    merge,
     read_layers,
     record_defaults,
     sort_problems,
@@ -161,24 +161,28 @@ _REMOVED_SECTIONS = {
 }
 
 
-def _options_of(kind: str) -> tuple[dict[str, Converter], dict[str, str]]:
-    """Known options and prefixes of a section kind (a pipe takes any machinetype option too)."""
-    if kind == "settings":
-        return SETTINGS_OPTIONS, SETTINGS_PREFIXES
-    if kind == "machinetype":
-        return MACHINETYPE_OPTIONS, MACHINETYPE_PREFIXES
-    return {**MACHINETYPE_OPTIONS, **PIPE_OPTIONS}, MACHINETYPE_PREFIXES
+def _rules(kind: str, known: Mapping[str, Converter], prefixes: Mapping[str, str]) -> OptionRules:
+    deprecated = "settings" if kind == "settings" else "machinetype"
+    other, where = (MACHINETYPE_OPTIONS, "[machinetype NAME]") if kind == "settings" else \
+        (SETTINGS_OPTIONS, "[settings]")
+    return OptionRules(known, tuple(prefixes), DEPRECATED_OPTIONS[deprecated],
+                       OBSOLETE_OPTIONS[deprecated], dict.fromkeys(other, where))
 
 
-def _deprecation_kind(kind: str) -> str:
-    return "settings" if kind == "settings" else "machinetype"
+# Known options and prefixes of each kind of section (a pipe takes any machinetype option too).
+_RULES = {
+    "settings": _rules("settings", SETTINGS_OPTIONS, SETTINGS_PREFIXES),
+    "machinetype": _rules("machinetype", MACHINETYPE_OPTIONS, MACHINETYPE_PREFIXES),
+    "vacuum_pipe": _rules("vacuum_pipe", {**MACHINETYPE_OPTIONS, **PIPE_OPTIONS}, MACHINETYPE_PREFIXES),
+}
 
 
 # --- merging files into sections -----------------------------------------------------------------
 
 
-def _section_of(block: Block, problems: list[Problem]) -> Optional[tuple[str, str]]:
-    """(kind, name) of a header, or None (with a problem) when its options are not read."""
+def _section_of(block: Block, problems: list[Problem]) -> Optional[Section]:
+    """The (empty) section a header opens, or None (with a problem) when its options are not
+    read."""
     words = block.header.lower().split(None, 1)
     kind, name = words[0], words[1].strip() if len(words) > 1 else ""
 
@@ -192,7 +196,7 @@ def _section_of(block: Block, problems: list[Problem]) -> Optional[tuple[str, st
         if name:
             problem(ERROR, "[settings] takes no name")
             return None
-        return kind, ""
+        return Section(kind, "", block.file, block.line)
     if kind not in ("machinetype", "vmtype", "vacuum_pipe"):
         problem(WARNING, "unknown section ignored")
         return None
@@ -205,52 +209,11 @@ def _section_of(block: Block, problems: list[Problem]) -> Optional[tuple[str, st
     if kind == "vmtype":
         problem(WARNING, f"deprecated: use [machinetype {name}]")
         kind = "machinetype"
-    return kind, name
+    return Section(kind, name, block.file, block.line)
 
 
-def _unknown_option_message(kind: str, option: str, known: Mapping[str, Any]) -> str:
-    message = "unknown option ignored"
-    if kind != "settings" and option in SETTINGS_OPTIONS:
-        return f"{message} (it is a [settings] option)"
-    if kind == "settings" and option in MACHINETYPE_OPTIONS:
-        return f"{message} (it is a [machinetype NAME] option)"
-    close = difflib.get_close_matches(option, list(known), n=1)
-    return f"{message} (did you mean {close[0]}?)" if close else message
-
-
-def _merge(files: list[tuple[str, list[Block]]], problems: list[Problem]) -> dict[tuple[str, str], Section]:
-    sections: dict[tuple[str, str], Section] = {}
-    for file, blocks in files:
-        set_here: dict[tuple[str, str, str], Value] = {}  # duplicates inside one file
-        for block in blocks:
-            kind_name = _section_of(block, problems)
-            if kind_name is None:
-                continue
-            section = sections.setdefault(kind_name, Section(*kind_name, block.file, block.line))
-            known, prefixes = _options_of(section.kind)
-            renamed = DEPRECATED_OPTIONS[_deprecation_kind(section.kind)]
-            obsolete = OBSOLETE_OPTIONS[_deprecation_kind(section.kind)]
-
-            for name, text, line in block.options:
-                canonical = renamed.get(name, name)
-                complaint = None
-                if name in renamed:
-                    problems.append(Problem(WARNING, f"deprecated: use {canonical}", file, line, section.label, name))
-                elif name in obsolete:
-                    complaint = (WARNING, obsolete[name])
-                elif name not in known and not name.startswith(tuple(prefixes)):
-                    complaint = (WARNING, _unknown_option_message(section.kind, name, known))
-                earlier = set_here.get((*kind_name, canonical))
-                if complaint is None and earlier is not None:
-                    also = f" (as {earlier.written_as})" if earlier.written_as != name else ""
-                    complaint = (ERROR, f"already set{also} at line {earlier.line} of this file")
-                if complaint is not None:
-                    problems.append(Problem(*complaint, file, line, section.label, name))
-                    continue
-                value = Value(text, file, line, name)
-                set_here[(*kind_name, canonical)] = value
-                section.values[canonical] = value
-    return sections
+def _merge(parsed: list[tuple[str, list[Block]]], problems: list[Problem]) -> dict[tuple, Section]:
+    return merge(parsed, problems, _section_of, _RULES.__getitem__)
 
 
 # --- building typed objects ----------------------------------------------------------------------

@@ -6,6 +6,8 @@ vcycle's (vac.core.vcycleconfig) read the same way.
   ``Block``s; ``sort_problems`` then orders the problems by file in that order and by line.
 * ``Problem``: an error or warning with its file, line, section and option; ``ConfigError``
   carries all of them.
+* ``merge``: the blocks of all files merged into ``Section``s by the configuration's own
+  ``section_of`` and ``OptionRules`` (known, deprecated, ignored options).
 * ``Section``: one merged section, its option values (``Value``, each with the file and line
   that set it); ``Builder`` converts a section's values into dataclass fields with the option
   converters, recording problems and each value's source.
@@ -13,7 +15,7 @@ vcycle's (vac.core.vcycleconfig) read the same way.
 Parsing follows the classic Python 2 ``RawConfigParser`` the existing files were written for:
 ``name = value`` or ``name: value``, names and section names case-insensitive, ``#``/``;``
 comment lines, `` ;`` inline comments, indented continuation lines, ``""`` for an empty value.
-Merging sections (which names are known, deprecated or obsolete) is each configuration's own.
+Which sections and options exist is each configuration's own (its ``section_of`` and rules).
 
 Pure: the standard library only.
 """
@@ -21,11 +23,12 @@ Pure: the standard library only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from vac.core.schema import OPTION_SUFFIX
 from vac.core.values import Converter, WithWarning
@@ -236,8 +239,69 @@ class Section:
     values: dict = dataclasses.field(default_factory=dict)  # canonical option -> Value
 
     @property
+    def key(self) -> tuple:
+        """What identifies the section across files."""
+        return self.kind, self.name
+
+    @property
     def label(self) -> str:
         return f"{self.kind} {self.name}" if self.name else self.kind
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionRules:
+    """The options a kind of section takes, and what is said of the others."""
+
+    known: Mapping[str, Any]  # option -> converter
+    prefixes: tuple[str, ...] = ()  # families of options, such as user_data_option_XXX
+    renamed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # deprecated -> option
+    ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)  # option -> why (a warning)
+    elsewhere: Mapping[str, str] = dataclasses.field(default_factory=dict)  # option -> its section
+
+    def unknown(self, option: str) -> str:
+        """The warning for an option that is not known: where it belongs, or a near name."""
+        if option in self.elsewhere:
+            return f"unknown option ignored (it is a {self.elsewhere[option]} option)"
+        close = difflib.get_close_matches(option, list(self.known), n=1)
+        return "unknown option ignored" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def merge(parsed: Sequence[tuple[str, list[Block]]], problems: list[Problem],
+          section_of: Callable[[Block, list[Problem]], Optional[Section]],
+          rules_of: Callable[[str], OptionRules]) -> dict[tuple, Section]:
+    """The sections of all ``parsed`` files by ``Section.key``, same-keyed ones merged (later
+    values win). ``section_of`` gives a block's empty section, or None (with a problem) if its
+    options are not read; ``rules_of(kind)`` what such a section takes. Deprecated, ignored and
+    unknown options are warnings, an option set twice in one file an error."""
+    sections: dict[tuple, Section] = {}
+    for file, blocks in parsed:
+        set_here: dict[tuple, Value] = {}  # duplicates inside one file
+        for block in blocks:
+            fresh = section_of(block, problems)
+            if fresh is None:
+                continue
+            section = sections.setdefault(fresh.key, fresh)
+            rules = rules_of(section.kind)
+            for name, text, line in block.options:
+                canonical = rules.renamed.get(name, name)
+                complaint = None
+                if name in rules.renamed:
+                    problems.append(Problem(WARNING, f"deprecated: use {canonical}", file, line, section.label, name))
+                elif name in rules.ignored:
+                    complaint = (WARNING, rules.ignored[name])
+                elif name not in rules.known and not name.startswith(rules.prefixes):
+                    complaint = (WARNING, rules.unknown(name))
+                earlier = set_here.get((section.key, canonical))
+                if complaint is None and earlier is not None:
+                    also = f" (as {earlier.written_as})" if earlier.written_as != name else ""
+                    complaint = (ERROR, f"already set{also} at line {earlier.line} of this file")
+                if complaint is not None:
+                    problems.append(Problem(*complaint, file, line, section.label, name))
+                    continue
+                value = Value(text, file, line, name)
+                set_here[(section.key, canonical)] = value
+                section.values[canonical] = value
+    return sections
 
 
 class Builder:

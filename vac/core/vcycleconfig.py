@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import difflib
 import re
 from typing import Any, Optional
 
@@ -35,11 +34,14 @@ from vac.core.config import (
 from vac.core.ini import (
     ERROR,
     WARNING,
+    Block,
     Builder,
+    OptionRules,
     Problem,
     Section,
     Value,
     field_defaults,
+    merge,
     read_layers,
     record_defaults,
     sort_problems,
@@ -236,12 +238,17 @@ IGNORED: dict[str, dict[str, str]] = {
 }
 
 
-def _known(kind: str) -> dict[str, Any]:
-    if kind == "space":
-        return SPACE_OPTIONS
-    if kind == "machinetype":
-        return {**MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS}
-    return {**MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS, **PIPE_OPTIONS}
+def _rules(kind: str, known: dict[str, Any]) -> OptionRules:
+    tables = "space" if kind == "space" else "machinetype"
+    # classic vcycle takes the machinetype option families in every section
+    return OptionRules(known, tuple(MACHINETYPE_PREFIXES), RENAMED[tables], IGNORED[tables])
+
+
+_RULES = {
+    "space": _rules("space", SPACE_OPTIONS),
+    "machinetype": _rules("machinetype", {**MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS}),
+    "vacuum_pipe": _rules("vacuum_pipe", {**MACHINETYPE_OPTIONS, **CLOUD_MACHINETYPE_OPTIONS, **PIPE_OPTIONS}),
+}
 
 
 @dataclasses.dataclass
@@ -251,12 +258,17 @@ class _Section(Section):
     space: str = ""
 
     @property
+    def key(self) -> tuple:
+        return self.kind, self.space, self.name
+
+    @property
     def label(self) -> str:
         return " ".join(part for part in (self.kind, self.space, self.name) if part)
 
 
-def _section_of(block: Any, problems: list[Problem]) -> Optional[tuple[str, str, str]]:
-    """(kind, space, name) of a header, or None (with an error): classic vcycle refuses the rest."""
+def _section_of(block: Block, problems: list[Problem]) -> Optional[_Section]:
+    """The (empty) section a header opens, or None (with an error): classic vcycle refuses the
+    rest."""
     words = block.header.lower().split()
     kind, names = words[0], words[1:]
 
@@ -276,40 +288,7 @@ def _section_of(block: Any, problems: list[Problem]) -> Optional[tuple[str, str,
     if wanted == 2 and not _MACHINETYPE_NAME.match(names[1]):
         error(f"name {names[1]!r} may only contain a-z, 0-9 and -")
         return None
-    return kind, names[0], names[1] if wanted == 2 else ""
-
-
-def _merge(files: list, problems: list[Problem]) -> dict[tuple[str, str, str], _Section]:
-    sections: dict[tuple[str, str, str], _Section] = {}
-    for file, blocks in files:
-        set_here: dict[tuple, Any] = {}
-        for block in blocks:
-            key = _section_of(block, problems)
-            if key is None:
-                continue
-            kind, space, name = key
-            section = sections.setdefault(key, _Section(kind, name, block.file, block.line, space=space))
-            known = _known(kind)
-            renamed = RENAMED["space" if kind == "space" else "machinetype"]
-            ignored = IGNORED["space" if kind == "space" else "machinetype"]
-            for option, text, line in block.options:
-                canonical = renamed.get(option, option)
-                complaint = None
-                if option in renamed:
-                    problems.append(Problem(WARNING, f"deprecated: use {canonical}", file, line, section.label, option))
-                if option in ignored:
-                    complaint = (WARNING, ignored[option])
-                elif canonical not in known and not canonical.startswith(tuple(MACHINETYPE_PREFIXES)):
-                    close = difflib.get_close_matches(canonical, list(known), n=1)
-                    complaint = (WARNING, "unknown option ignored" + (f" (did you mean {close[0]}?)" if close else ""))
-                elif (key, canonical) in set_here:
-                    complaint = (ERROR, f"already set at line {set_here[(key, canonical)]} of this file")
-                if complaint is not None:
-                    problems.append(Problem(*complaint, file, line, section.label, option))
-                    continue
-                set_here[(key, canonical)] = line
-                section.values[canonical] = Value(text, file, line, option)
-    return sections
+    return _Section(kind, names[1] if wanted == 2 else "", block.file, block.line, space=names[0])
 
 
 def _build_space(section: _Section, machinetypes: dict, pipes: dict, problems: list[Problem],
@@ -382,7 +361,7 @@ def load_vcycle_config(paths: Optional[ConfigPaths] = None, *,
     paths = paths or ConfigPaths(DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF, ())
     problems: list[Problem] = []
     files, parsed = read_layers(paths.conf_dir, paths.main_conf, paths.run_confs, problems)
-    sections = _merge(parsed, problems)
+    sections = merge(parsed, problems, _section_of, _RULES.__getitem__)
     sources: dict = {}
     machinetypes: dict[str, dict] = {}
     pipes: dict[str, dict] = {}
