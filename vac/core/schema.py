@@ -14,7 +14,8 @@ an integer option an integer or a string of digits, a text option only a string,
 point at this host, plain file names, /cvmfs/ paths, upper bounds), then the same converter as
 for configuration files. ``remote=LOCAL_ONLY`` options are never taken from the network.
 
-Pure: the standard library only; vac.core.config reads files with it.
+Pure: the standard library only. The generic converters are vac.core.values'; vac.core.config
+reads files with this schema.
 """
 
 from __future__ import annotations
