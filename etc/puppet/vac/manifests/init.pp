@@ -119,6 +119,23 @@ class vac (
     require => Package['vac'],
   }
 
+  # The directory of the certificate and key (/etc/grid-security by default) is there only on
+  # hosts already set up for grid services.
+  $apel_files = {
+    $apel_cert_path => $apel_cert_source,
+    $apel_key_path  => $apel_key_source,
+  }.filter |$path, $source| { $source =~ NotUndef }.keys
+  $apel_files.map |$path| { $path.regsubst('/[^/]+$', '') }.unique.each |$directory| {
+    unless defined(File[$directory]) {
+      file { $directory:
+        ensure => directory,
+        owner  => 'root',
+        group  => 'root',
+        mode   => '0755',
+      }
+    }
+  }
+
   if $apel_cert_source {
     file { $apel_cert_path:
       ensure => file,
