@@ -21,6 +21,7 @@ import errno
 import logging
 import resource
 import socket
+import ssl
 import struct
 import time
 from typing import Callable, Optional
@@ -40,6 +41,7 @@ EVENT_LOG_SECONDS = 10.0  # at most one refusal / out-of-descriptors line this o
 # accept() failures that concern only the one connection: try the next at once
 ACCEPT_TRANSIENT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EAGAIN, errno.EPROTO,
                               errno.EPERM))
+TLS_HANDSHAKE_SECONDS = 15.0  # a client that opens a TLS connection and stalls holds its share this long
 UNLIMITED_DESCRIPTORS = 1 << 20  # taken for an RLIM_INFINITY limit (Linux's default nr_open)
 
 SlotForAddress = Callable[[str], Optional[int]]
@@ -224,8 +226,10 @@ class FairListener:
     """
 
     def __init__(self, name: str, runner: web.AppRunner, sock: socket.socket,
-                 shares: ConnectionShares, events: LogLimiter, logger: logging.Logger = log):
+                 shares: ConnectionShares, events: LogLimiter, logger: logging.Logger = log,
+                 ssl_context: Optional[ssl.SSLContext] = None):
         self.name = name
+        self.ssl_context = ssl_context  # TLS on every connection (vcycle's HTTPS MJF)
         self.runner = runner
         self.sock = sock
         self.shares = shares
@@ -297,7 +301,9 @@ class FairListener:
             return holder
 
         try:
-            await self._loop.connect_accepted_socket(protocol, conn)
+            await self._loop.connect_accepted_socket(
+                protocol, conn, ssl=self.ssl_context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self.ssl_context else None)
         except BaseException as error:
             # Without a protocol the socket is still ours to close; with one, asyncio closes
             # the transport. Either way the share is given back exactly once.
@@ -319,13 +325,15 @@ class FairListener:
 
 async def serve_fairly(name: str, runner: web.AppRunner, address: str, port: int,
                        shares: ConnectionShares, events: LogLimiter,
-                       logger: logging.Logger = log) -> FairListener:
-    """Set ``runner`` up and serve it on ``address``:``port`` through a ``FairListener``.
-    Raises OSError if the address cannot be bound (the runner is cleaned up)."""
+                       logger: logging.Logger = log,
+                       ssl_context: Optional[ssl.SSLContext] = None) -> FairListener:
+    """Set ``runner`` up and serve it on ``address``:``port`` through a ``FairListener`` (with
+    TLS if ``ssl_context`` is given). Raises OSError if the address cannot be bound (the runner
+    is cleaned up)."""
     await runner.setup()
     try:
         sock = listening_socket(address, port)
     except BaseException:
         await runner.cleanup()
         raise
-    return FairListener(name, runner, sock, shares, events, logger)
+    return FairListener(name, runner, sock, shares, events, logger, ssl_context)

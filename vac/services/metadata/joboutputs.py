@@ -58,18 +58,9 @@ class Uploads:
         # concurrent PUTs cannot together exceed the caps or the machine's upload share.
         self._pending: dict[Path, dict[str, int]] = {}
 
-    def _refusal(self, request: web.Request, context: Optional[MachineContext]
-                 ) -> Union[web.Response, tuple[Path, str, int]]:
-        """An error response, or (joboutputs directory, name, length) of an acceptable PUT."""
-        if context is None:
-            return status_response(403, "no machine at this source address")
-        try:
-            segments = path_segments(request.rel_url.raw_path)
-        except BadPath as error:
-            return status_response(403, str(error))
-        if len(segments) != 2 or segments[0] != "joboutputs":
-            return status_response(403, "only joboutputs/NAME can be written")
-        name = segments[1]
+    def _refusal(self, request: web.Request, directory: Path, name: str
+                 ) -> Union[web.Response, int]:
+        """An error response, or the length of an acceptable upload of ``directory/name``."""
         if not JOBOUTPUT_NAME.match(name):
             return status_response(403, f"joboutput name not allowed (must match "
                                         f"{JOBOUTPUT_NAME.pattern})")
@@ -83,7 +74,6 @@ class Uploads:
         if length > limits.joboutput_file_bytes:
             return status_response(413, f"joboutput larger than {limits.joboutput_file_bytes} "
                                         f"bytes")
-        directory = context.directory / "joboutputs"
         pending = self._pending.get(directory, {})
         if name in pending:  # one winner: the upload already under way
             return web.Response(status=409, text=f"409 {name} is already being uploaded\n",
@@ -104,15 +94,28 @@ class Uploads:
             return web.Response(status=503, text=f"503 this machine already has "
                                 f"{pending_bytes} bytes of uploads under way (at most {share})\n",
                                 headers={"Retry-After": "5"})
-        return directory, name, length
+        return length
 
     async def put(self, request: web.Request, context: Optional[MachineContext]
                   ) -> web.Response:
-        """Receive and store one upload, or refuse it."""
-        verdict = self._refusal(request, context)
+        """Receive and store one upload to ``/joboutputs/NAME``, or refuse it."""
+        if context is None:
+            return status_response(403, "no machine at this source address")
+        try:
+            segments = path_segments(request.rel_url.raw_path)
+        except BadPath as error:
+            return status_response(403, str(error))
+        if len(segments) != 2 or segments[0] != "joboutputs":
+            return status_response(403, "only joboutputs/NAME can be written")
+        return await self.store(request, context.directory / "joboutputs", segments[1])
+
+    async def store(self, request: web.Request, directory: Path, name: str) -> web.Response:
+        """Receive the request's body as ``directory/name`` (a machine's joboutputs directory,
+        already attributed by the caller) within the caps, or refuse it."""
+        verdict = self._refusal(request, directory, name)
         if isinstance(verdict, web.Response):
             return verdict
-        directory, name, length = verdict
+        length = verdict
         pending = self._pending.setdefault(directory, {})
         pending[name] = length
         try:

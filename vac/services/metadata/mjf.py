@@ -30,7 +30,8 @@ from vac.services.metadata.joboutputs import Uploads
 from vac.services.metadata.limits import DEFAULT_LIMITS, Limits
 
 
-def _mjf_listing(directory: Path) -> str:
+def mjf_listing(directory: Path) -> str:
+    """The classic HTML list of the MJF keys in ``directory`` (empty if it is absent)."""
     try:
         keys = sorted(entry.name for entry in os.scandir(directory)
                       if MJF_KEY.match(entry.name) and entry.is_file(follow_symlinks=False))
@@ -60,7 +61,7 @@ class MjfService(Service):
             return status_response(404, "not found")
         directory = context.directory / segments[0]
         if len(segments) == 1:
-            return text_response(_mjf_listing(directory), "text/html")
+            return text_response(mjf_listing(directory), "text/html")
         if not MJF_KEY.match(segments[1]):
             return status_response(404, "not a valid MJF key name")
         data = read_document(directory / segments[1])

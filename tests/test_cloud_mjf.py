@@ -1,0 +1,132 @@
+"""vcycle's HTTPS MJF service (vac.services.cloudmjf): a real TLS server on loopback, a test CA,
+and real clients (http.client/ssl)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import ssl
+import threading
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from tests.localhttp import make_tls_files
+from vac.services import cloudmjf
+from vac.services.metadata import DEFAULT_LIMITS, Limits, write_mjf
+
+pytestmark = pytest.mark.component
+
+SPACE = "cloud.example.org"
+TOKEN = "s3cr3t-token-of-machine-a"
+
+
+class Running:
+    """The service on its own event loop thread, like vcycled's."""
+
+    def __init__(self, tmp_path: Path, limits: Limits = DEFAULT_LIMITS):
+        self.ca_dir, cert, key = make_tls_files(tmp_path)
+        self.machines: dict[tuple[str, str], cloudmjf.CloudMachineFiles] = {}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.listener = asyncio.run_coroutine_threadsafe(cloudmjf.start_cloud_mjf(
+            lambda space, name: self.machines.get((space, name)), address="127.0.0.1", port=0,
+            cert_file=str(cert), key_file=str(key), machines=10, limits=limits), self.loop).result(10)
+        self.port = self.listener.port
+
+    def add(self, root: Path, name: str, token: str) -> Path:
+        directory = root / name
+        write_mjf(directory, {"shutdowntime": "1800000000", "total_cpu": "2"}, {"wall_limit_secs": "86400"})
+        self.machines[(SPACE, name)] = cloudmjf.CloudMachineFiles(directory, token)
+        return directory
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None,
+                context: Optional[ssl.SSLContext] = None) -> tuple[int, bytes]:
+        context = context or ssl.create_default_context(capath=str(self.ca_dir))
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=10)
+        try:
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.listener.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path):
+    running = Running(tmp_path)
+    yield running
+    running.stop()
+
+
+def base(name: str, token: str = TOKEN) -> str:
+    return f"/machines/{SPACE}/{name}/{token}"
+
+
+def test_machine_url_layout() -> None:
+    assert cloudmjf.machine_url("vcycle.example.org", 443, SPACE, "vcycle-lhcb-a", "t") == \
+        f"https://vcycle.example.org/machines/{SPACE}/vcycle-lhcb-a/t"
+    assert cloudmjf.machine_url("::1", 8443, SPACE, "n", "t") == f"https://[::1]:8443/machines/{SPACE}/n/t"
+
+
+def test_get_keys_and_listing_with_the_token(service: Running, tmp_path: Path) -> None:
+    service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)
+    assert service.request("GET", base("vcycle-lhcb-a") + "/machinefeatures/shutdowntime") == (200, b"1800000000")
+    assert service.request("GET", base("vcycle-lhcb-a") + "/jobfeatures/wall_limit_secs") == (200, b"86400")
+    status, listing = service.request("GET", base("vcycle-lhcb-a") + "/machinefeatures/")
+    assert status == 200 and b'href="total_cpu"' in listing
+    assert service.request("GET", base("vcycle-lhcb-a") + "/machinefeatures/absent")[0] == 404
+    assert service.request("GET", base("vcycle-lhcb-a") + "/joboutputs/x")[0] == 403
+
+
+def test_wrong_token_or_unknown_machine_is_404_for_every_method(service: Running, tmp_path: Path) -> None:
+    directory = service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)
+    for path in (base("vcycle-lhcb-a", "wrong") + "/machinefeatures/shutdowntime",
+                 base("vcycle-lhcb-b") + "/machinefeatures/shutdowntime",
+                 f"/machines/{SPACE}/vcycle-lhcb-a/machinefeatures/shutdowntime",  # classic, no token
+                 "/machines/other.space/vcycle-lhcb-a/" + TOKEN + "/machinefeatures/shutdowntime"):
+        assert service.request("GET", path)[0] == 404, path
+    assert service.request("PUT", base("vcycle-lhcb-a", "wrong") + "/joboutputs/shutdown_message", b"x")[0] == 404
+    assert not (directory / "joboutputs" / "shutdown_message").exists()
+    assert service.request("GET", "/machines/%2e%2e/x/y/machinefeatures/k")[0] == 404
+
+
+def test_put_joboutputs_with_vacs_caps(service: Running, tmp_path: Path) -> None:
+    directory = service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)
+    assert service.request("PUT", base("vcycle-lhcb-a") + "/joboutputs/heartbeat", b"alive")[0] == 201
+    assert service.request("POST", base("vcycle-lhcb-a") + "/joboutputs/shutdown_message", b"200 Success")[0] == 201
+    assert (directory / "joboutputs" / "shutdown_message").read_bytes() == b"200 Success"
+    assert (directory / "joboutputs" / "heartbeat").read_bytes() == b"alive"
+    assert service.request("PUT", base("vcycle-lhcb-a") + "/joboutputs/.hidden", b"x")[0] == 403
+    assert service.request("PUT", base("vcycle-lhcb-a") + "/machinefeatures/shutdowntime", b"0")[0] == 403
+    too_big = b"x" * (Limits().joboutput_file_bytes + 1)
+    assert service.request("PUT", base("vcycle-lhcb-a") + "/joboutputs/log", too_big)[0] == 413
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_plain_http_and_old_tls_are_refused(service: Running, tmp_path: Path) -> None:
+    service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)
+    plain = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        plain.request("GET", base("vcycle-lhcb-a") + "/machinefeatures/shutdowntime")
+        plain.getresponse().read()
+    plain.close()
+    old = ssl.create_default_context(capath=str(service.ca_dir))
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError):
+        service.request("GET", base("vcycle-lhcb-a") + "/machinefeatures/shutdowntime", context=old)
+
+
+def test_unusable_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ssl.SSLError):
+        cloudmjf.server_context(str(tmp_path / "bad.pem"), str(tmp_path / "bad.pem"))

@@ -1,0 +1,193 @@
+"""Machine/Job Features over HTTPS for cloud machines (vcycled): VCYCLE.md §5's layout, with a
+per-machine secret in the path.
+
+A cloud gives no source address to identify a machine by (NAT, floating IPs, other tenants), so
+each machine's URLs carry a secret token that vcycled puts into its user_data::
+
+    GET  /machines/<space>/<name>/<token>/machinefeatures[/KEY]
+    GET  /machines/<space>/<name>/<token>/jobfeatures[/KEY]
+    PUT  /machines/<space>/<name>/<token>/joboutputs/<FILE>     (POST too, for busybox wget)
+
+A wrong or missing token is answered exactly as an unknown machine (404), so names cannot be
+probed; the classic Apache layout's unauthenticated GETs and prefix-matched DNs are gone
+(VCYCLE.md §8 #11). Uploads have vac's caps and per-machine upload share
+(vac.services.metadata.joboutputs); connections are shared per source address through
+vac.services.fairness, and TLS is at least v1.2 with the configured certificate and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import logging
+import ssl
+from pathlib import Path
+from typing import Callable, Optional
+
+from aiohttp import web
+
+from vac.services.fairness import (
+    EVENT_LOG_SECONDS,
+    ConnectionShares,
+    FairListener,
+    LogLimiter,
+    connection_share,
+    descriptor_limit,
+    serve_fairly,
+)
+from vac.services.metadata import (
+    DEFAULT_LIMITS,
+    MJF_DIRECTORIES,
+    MJF_KEY,
+    BadPath,
+    Limits,
+    path_segments,
+    read_document,
+)
+from vac.services.metadata.base import bytes_response, status_response, text_response
+from vac.services.metadata.joboutputs import Uploads
+from vac.services.metadata.mjf import mjf_listing
+
+log = logging.getLogger(__name__)
+
+PREFIX = "machines"
+MIN_TLS = ssl.TLSVersion.TLSv1_2
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudMachineFiles:
+    """Where one machine's MJF files are, and the token its URLs must carry."""
+
+    directory: Path
+    token: str
+
+
+# (space, machine name) -> its files, or None for an unknown machine
+CloudResolver = Callable[[str, str], Optional[CloudMachineFiles]]
+
+
+def machine_url(host: str, port: int, space: str, name: str, token: str) -> str:
+    """The base of a machine's MJF URLs (``<base>/machinefeatures`` etc.)."""
+    netloc = f"[{host}]" if ":" in host else host
+    if port != 443:
+        netloc += f":{port}"
+    return f"https://{netloc}/{PREFIX}/{space}/{name}/{token}"
+
+
+def address_key(address: str) -> Optional[int]:
+    """Connections are shared per source address (no slot plan on a cloud)."""
+    try:
+        return int(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A TLS server context (v1.2 or later) from a PEM certificate (chain) and key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MIN_TLS
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class CloudMjf:
+    """The request handler: attribution by (space, name, token), then MJF GETs or uploads."""
+
+    def __init__(self, resolve: CloudResolver, limits: Limits):
+        self.resolve = resolve
+        self.uploads = Uploads(limits)
+        self.log_limiter = LogLimiter(limits.log_burst, limits.log_per_second)
+
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", r"/{path:[\s\S]*}", self._entry, expect_handler=_no_expect)
+        return app
+
+    def _attribute(self, segments: list[str]) -> tuple[str, Optional[CloudMachineFiles]]:
+        if len(segments) < 5 or segments[0] != PREFIX:
+            return "?", None
+        space, name, token = segments[1:4]
+        files = self.resolve(space, name)
+        if files is None or not hmac.compare_digest(files.token.encode(), token.encode()):
+            return f"unknown({space}/{name})", None
+        return f"{space}/{name}", files
+
+    async def _entry(self, request: web.Request) -> web.StreamResponse:
+        who, status = "?", 500
+        try:
+            try:
+                segments = path_segments(request.rel_url.raw_path)
+            except BadPath as error:
+                response = status_response(404, str(error))
+            else:
+                who, files = self._attribute(segments)
+                response = await self._handle(request, files, segments[4:])
+            status = response.status
+            return response
+        except OSError as error:  # disk trouble, the machine's directory removed as it finishes
+            log.error("cloud MJF %s %s: %s", who, request.method, error)
+            return status_response(500, "this machine's files cannot be used")
+        finally:
+            dropped = self.log_limiter.admit(who)
+            if dropped is not None:
+                note = f" ({dropped} lines from {who} suppressed)" if dropped else ""
+                # Never the raw path: it holds the machine's token.
+                log.log(logging.ERROR if status >= 500 else logging.INFO, "cloud MJF %s %s %d%s",
+                        who, request.method, status, note)
+
+    async def _handle(self, request: web.Request, files: Optional[CloudMachineFiles],
+                      rest: list[str]) -> web.Response:
+        if files is None:
+            return status_response(404, "no such machine")
+        if request.method in ("PUT", "POST"):
+            if len(rest) != 2 or rest[0] != "joboutputs":
+                return status_response(403, "only joboutputs/NAME can be written")
+            joboutputs = files.directory / "joboutputs"
+            joboutputs.mkdir(mode=0o755, exist_ok=True)
+            return await self.uploads.store(request, joboutputs, rest[1])
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="405 only GET, HEAD, PUT and POST\n",
+                                headers={"Allow": "GET, HEAD, PUT, POST"})
+        if rest[:1] == ["joboutputs"]:
+            return status_response(403, "joboutputs are write-only")
+        if not rest or rest[0] not in MJF_DIRECTORIES or len(rest) > 2:
+            return status_response(404, "not found")
+        directory = files.directory / rest[0]
+        if len(rest) == 1:
+            return text_response(mjf_listing(directory), "text/html")
+        if not MJF_KEY.match(rest[1]):
+            return status_response(404, "not a valid MJF key name")
+        data = read_document(directory / rest[1])
+        if data is None:
+            return status_response(404, f"no {rest[0]} key {rest[1]}")
+        return bytes_response(data, "text/plain")
+
+
+async def _no_expect(request: web.Request) -> None:
+    """Leave ``Expect: 100-continue`` to the upload code, which answers it after its checks."""
+
+
+async def start_cloud_mjf(resolve: CloudResolver, *, address: str, port: int, cert_file: str,
+                          key_file: str, machines: int, limits: Limits = DEFAULT_LIMITS,
+                          descriptors: Optional[int] = None) -> FairListener:
+    """Serve cloud MJF over HTTPS on ``address``:``port`` (port 0: a free one). Each source
+    address's share of connections is sized for ``machines`` in the descriptor limit.
+    Raises OSError (cannot bind) or ssl.SSLError (unusable certificate or key)."""
+    context = server_context(cert_file, key_file)
+    descriptors = descriptor_limit() if descriptors is None else descriptors
+    limits = dataclasses.replace(limits, connections_per_machine=connection_share(
+        limits.connections_per_machine, max(1, machines), descriptors))
+    runner = web.AppRunner(CloudMjf(resolve, limits).application(), access_log=None,
+                           handle_signals=False, keepalive_timeout=limits.idle_timeout_seconds,
+                           handler_cancellation=True, shutdown_timeout=5.0)
+    shares = ConnectionShares(limits.connections_per_machine, address_key)
+    listener = await serve_fairly("cloud-mjf", runner, address, port, shares,
+                                  LogLimiter(1, 1.0 / EVENT_LOG_SECONDS), log, context)
+    log.info("cloud MJF on https://%s:%d; each source address may hold %d connections",
+             address or "*", listener.port, limits.connections_per_machine)
+    return listener
+
+
+__all__ = ["CloudMachineFiles", "CloudMjf", "CloudResolver", "address_key", "machine_url",
+           "server_context", "start_cloud_mjf"]
