@@ -45,6 +45,7 @@ setup(
             "vacd = vac.daemon.vacd:main",
             "check-vacd = vac.cli.check:main",
             "vcycle = vac.cli.vcycle:main",
+            "vcycled = vac.daemon.vcycled:main",
         ]
     },
 )

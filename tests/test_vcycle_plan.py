@@ -222,7 +222,9 @@ def test_first_sight_running_marks_started_with_the_flavors_processors() -> None
     space = make_space(processors_limit=0)
     machine = record("s", state=MachineState.CREATING, started=None, created=NOW - 60)
     result = plan(snapshot(space, [machine], [listed(machine, processors=2, started=NOW - 30)]))
-    assert of(result, vp.Started) == [vp.Started(machine.uuid, NOW - 30, 2)]
+    [started] = of(result, vp.Started)
+    assert (started.machine.uuid, started.machine.state, started.machine.started, started.machine.processors) == \
+        (machine.uuid, MachineState.RUNNING, NOW - 30, 2)
 
 
 def test_stopped_machine_is_finished_and_deleted_once() -> None:

@@ -156,8 +156,11 @@ def substitute(template_text: str, values: Mapping[str, str]) -> str:
 
 def build_user_data(template_text: str, *, settings: Settings, machinetype: Machinetype,
                     machine: Machine, template_url: Optional[str], proxy_pem: Optional[str],
-                    files: Optional[Mapping[str, str]] = None) -> str:
-    """The machine's user_data. ``proxy_pem`` is required when ``user_data_proxy`` is set."""
+                    files: Optional[Mapping[str, str]] = None,
+                    overrides: Optional[Mapping[str, str]] = None) -> str:
+    """The machine's user_data. ``proxy_pem`` is required when ``user_data_proxy`` is set.
+    ``overrides`` (pattern name -> value) replace values of §8.2: vcycle's MJF URLs and manager
+    version."""
     if machinetype.user_data_proxy and not proxy_pem:
         raise UserDataError(f"machinetype {machinetype.name} has user_data_proxy = true but no "
                             "proxy was made")
@@ -165,4 +168,5 @@ def build_user_data(template_text: str, *, settings: Settings, machinetype: Mach
         files = read_user_data_files(machinetype)
     values = substitution_values(settings=settings, machinetype=machinetype, machine=machine,
                                  template_url=template_url, proxy_pem=proxy_pem, files=files)
+    values.update(overrides or {})
     return substitute(template_text, values)

@@ -98,9 +98,10 @@ class Delete:
 
 @dataclasses.dataclass(frozen=True)
 class Started:
-    uuid: str
-    started: float
-    processors: Optional[int]  # the flavor's, when the cloud says
+    """First sight of the machine running: its record from now on (with the flavor's
+    processors when the cloud says)."""
+
+    machine: Machine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,9 +236,9 @@ def _supervise(snap: SpaceSnapshot, actions: list, notes: list) -> dict[str, Mac
         started = record.started
         if started is None and seen.state == CloudState.RUNNING:
             started = seen.started if seen.started is not None and seen.started <= now else now
-            actions.append(Started(uuid, started, seen.processors))
             record = _in_state(record, MachineState.RUNNING, started=started,
                                processors=seen.processors or record.processors)
+            actions.append(Started(record))
         active[uuid] = record
         if not _may_delete(record, now):
             continue

@@ -109,6 +109,21 @@ class SyncResult:
 # -- record text (pure) -------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Infrastructure:
+    """What a record says about the system that ran the machine: vac's factories or vcycle's
+    cloud tenancies (REFERENCE.md §10: SubmitHost ``<space>/vcycle-<host>``, LocalUserId the
+    machine's name, InfrastructureDescription ``APEL-VCYCLE``)."""
+
+    description: str
+    manager: str  # SubmitHost is <space>/<manager>-<host>
+    local_user_is_machine: bool
+
+
+VAC = Infrastructure("APEL-VAC", "vac", False)
+VCYCLE = Infrastructure("APEL-VCYCLE", "vcycle", True)
+
+
 def site_name(settings: Settings) -> str:
     """``gocdb_sitename``, else the space name without its first label (classic placeholder)."""
     if settings.gocdb_sitename:
@@ -117,8 +132,8 @@ def site_name(settings: Settings) -> str:
     return rest if dot else settings.vac_space
 
 
-def submit_host(settings: Settings) -> str:
-    return f"{settings.vac_space}/vac-{settings.factory_name}"
+def submit_host(settings: Settings, infrastructure: Infrastructure = VAC) -> str:
+    return f"{settings.vac_space}/{infrastructure.manager}-{settings.factory_name}"
 
 
 def global_user_name(space: str) -> str:
@@ -142,7 +157,8 @@ def is_publishable(settings: Settings, machine: Machine) -> bool:
 
 
 def record_fields(settings: Settings, machinetype: Machinetype, machine: Machine,
-                  end_time: float, cpu_seconds: float) -> list[tuple[str, str]]:
+                  end_time: float, cpu_seconds: float,
+                  infrastructure: Infrastructure = VAC) -> list[tuple[str, str]]:
     """The record's ``(key, value)`` pairs in message order; raises ApelError on unusable input."""
     if settings.apel_version not in INDIVIDUAL_HEADERS:
         raise ApelError(f"apel_version {settings.apel_version!r} is not one of {', '.join(INDIVIDUAL_HEADERS)}")
@@ -160,9 +176,9 @@ def record_fields(settings: Settings, machinetype: Machinetype, machine: Machine
     hs06_per_processor = machine.hs06 / processors if machine.hs06 is not None else 1.0
     fields = [
         ("Site", site_name(settings)),
-        ("SubmitHost", submit_host(settings)),
+        ("SubmitHost", submit_host(settings, infrastructure)),
         ("LocalJobId", machine.uuid),
-        ("LocalUserId", settings.factory_name),
+        ("LocalUserId", machine.name if infrastructure.local_user_is_machine else settings.factory_name),
         ("Queue", machinetype.name),
         ("GlobalUserName", global_user_name(settings.vac_space)),
     ]
@@ -175,7 +191,7 @@ def record_fields(settings: Settings, machinetype: Machinetype, machine: Machine
         ("CpuDuration", str(int(cpu_seconds))),
         ("Processors", str(processors)),
         ("NodeCount", "1"),
-        ("InfrastructureDescription", "APEL-VAC"),
+        ("InfrastructureDescription", infrastructure.description),
         ("InfrastructureType", "grid"),
         ("StartTime", str(start)),
         ("EndTime", str(end)),
@@ -196,9 +212,9 @@ def record_fields(settings: Settings, machinetype: Machinetype, machine: Machine
 
 
 def record_text(settings: Settings, machinetype: Machinetype, machine: Machine,
-                end_time: float, cpu_seconds: float) -> str:
+                end_time: float, cpu_seconds: float, infrastructure: Infrastructure = VAC) -> str:
     """The complete individual job message for one machine (pure)."""
-    fields = record_fields(settings, machinetype, machine, end_time, cpu_seconds)
+    fields = record_fields(settings, machinetype, machine, end_time, cpu_seconds, infrastructure)
     return _message(INDIVIDUAL_HEADERS[settings.apel_version], [fields])
 
 
@@ -373,7 +389,8 @@ def _after_commit(state_dir: Path, archived: Path) -> Optional[Path]:
 
 
 def write_accounting(settings: Settings, machinetype: Machinetype, machine: Machine,
-                     end_time: float, cpu_seconds: float) -> AccountingResult:
+                     end_time: float, cpu_seconds: float,
+                     infrastructure: Infrastructure = VAC) -> AccountingResult:
     """Archive (and, if publishable, queue for ssmsend) the record of a finished machine.
 
     Idempotent per ``machine.uuid``: a second call writes nothing and says so (and completes
@@ -400,7 +417,8 @@ def write_accounting(settings: Settings, machinetype: Machinetype, machine: Mach
                 return AccountingResult(
                     Outcome.FIZZLED, f"no APEL record: {machine.uuid} ran {int(wall)} s, "
                     f"less than fizzle_seconds = {machinetype.fizzle_seconds}")
-            data = record_text(settings, machinetype, machine, end_time, cpu_seconds).encode("ascii")
+            data = record_text(settings, machinetype, machine, end_time, cpu_seconds,
+                               infrastructure).encode("ascii")
             day = utc_day(end_time)
             pending = state_dir / PENDING / name
             if is_publishable(settings, machine):

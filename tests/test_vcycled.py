@@ -1,0 +1,265 @@
+"""vcycled as a real process against moto's EC2 server and the OpenStack emulator (``cloud``).
+
+"Machines" are played by the test: it reads a machine's user_data back from the cloud, reads its
+MJF and uploads its shutdown message over the HTTPS MJF service (checked against a test CA), then
+stops the instance in the cloud, as a VM powering off would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import boto3
+import pytest
+
+from tests import openstack_emulator as emu
+from tests.cloudservers import MotoServer, free_port
+from tests.localhttp import make_tls_files
+from tests.openstack_emulator import OpenStackEmulator
+from vac.core.config import ConfigPaths
+from vac.core.vcycleconfig import load_vcycle_config
+
+pytestmark = pytest.mark.cloud
+
+ACCESS_KEY = "AKIAVCYCLEDTEST00001"
+SECRET_KEY = "vcycled-secret-key-never-logged-8e2b"
+SPACE = "ec2.example.org"
+TEMPLATE = "#!/bin/sh\nMJF=##user_data_machinefeatures_url##\nJO=##user_data_joboutputs_url##\nUUID=##user_data_uuid##\n"
+WAIT_SECONDS = 60.0
+
+
+def wait_for(what: str, condition: Callable[[], object], seconds: float = WAIT_SECONDS) -> object:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Daemon:
+    """vcycled in a subprocess, stopped (or killed) by its PID."""
+
+    def __init__(self, tmp_path: Path, config: str) -> None:
+        self.tmp_path = tmp_path
+        self.conf = tmp_path / "vcycle.conf"
+        self.conf.write_text(config)
+        (tmp_path / "vcycle.d").mkdir(exist_ok=True)
+        _, problems = load_vcycle_config(ConfigPaths(str(tmp_path / "vcycle.d"), str(self.conf), ()))
+        assert not [p for p in problems if p.is_error], problems
+        if not (tmp_path / "server.pem").exists():
+            make_tls_files(tmp_path)
+        self.state = tmp_path / "state"
+        self.log_path = tmp_path / "vcycled.log"
+        self.process = None
+
+    def start(self, https_port: int) -> None:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vac.daemon.vcycled", "--conf-dir", str(self.tmp_path / "vcycle.d"),
+             "--conf", str(self.conf), "--state-dir", str(self.state), "--hostname", "vcycle.example.org",
+             "--https-address", "127.0.0.1", "--https-port", str(https_port),
+             "--https-cert", str(self.tmp_path / "server.pem"), "--https-key", str(self.tmp_path / "server.key"),
+             "--cycle-seconds", "1", "--log-file", str(self.log_path), "--debug"], env=environment)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def records(self, space: str = SPACE) -> list[dict]:
+        found = []
+        for path in (self.state / "spaces" / space / "machines").glob("*/machine.json"):
+            try:
+                found.append(json.loads(path.read_text())["machine"])
+            except (OSError, ValueError):
+                continue  # being replaced
+        return found
+
+    def apel_records(self, space: str = SPACE) -> list[str]:
+        return [p.read_text() for p in (self.state / "spaces" / space / "apel-archive").glob("*/*")]
+
+    def ca(self) -> ssl.SSLContext:
+        return ssl.create_default_context(capath=str(self.tmp_path / "certificates"))
+
+
+def play_machine(user_data: str, context: ssl.SSLContext, message: bytes = b"200 Success") -> str:
+    """A machine's part: read MJF and upload a shutdown message over HTTPS; returns its UUID."""
+    mjf = re.search(r"MJF=(\S+)", user_data).group(1)
+    joboutputs = re.search(r"JO=(\S+)", user_data).group(1)
+    with urllib.request.urlopen(f"{mjf}/shutdowntime", context=context, timeout=10) as answer:
+        assert int(answer.read()) > time.time()
+    request = urllib.request.Request(f"{joboutputs}/shutdown_message", data=message, method="PUT")
+    with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+        assert answer.status == 201
+    return re.search(r"UUID=(\S+)", user_data).group(1)
+
+
+# --- EC2 (moto) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory):
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ec2(moto: MotoServer):
+    moto.reset()
+    return boto3.client("ec2", endpoint_url=moto.url, region_name="us-east-1",
+                        aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+
+
+def ec2_config(url: str, image: str, https_port: int, template: Path, **machinetype: object) -> str:
+    options = {"target_share": 1, "backoff_seconds": 0, "fizzle_seconds": 0, **machinetype}
+    lines = [f"[space {SPACE}]", "api = ec2", f"url = {url}", "region = us-east-1",
+             f"access_key = {ACCESS_KEY}", f"secret_key = {SECRET_KEY}", "processors_limit = 3",
+             "https_host = 127.0.0.1", f"https_port = {https_port}", "flavor_names = t2.micro", "",
+             f"[machinetype {SPACE} lhcb]", f"root_image = image:{image}", f"user_data = {template}"]
+    lines += [f"{key} = {value}" for key, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def instances(ec2, *states: str) -> list[dict]:
+    found = []
+    for reservation in ec2.describe_instances()["Reservations"]:
+        found += [i for i in reservation["Instances"] if i["State"]["Name"] in states]
+    return found
+
+
+def user_data_of(ec2, instance_id: str) -> str:
+    answer = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    return base64.b64decode(answer["UserData"]["Value"]).decode()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.stop()
+
+
+def ec2_daemon(tmp_path: Path, moto: MotoServer, ec2, daemons: list, **machinetype: object) -> tuple[Daemon, int]:
+    template = tmp_path / "user_data"
+    template.write_text(TEMPLATE)
+    image = ec2.describe_images(MaxResults=5)["Images"][0]["ImageId"]
+    https_port = free_port()
+    daemon = Daemon(tmp_path, ec2_config(moto.url, image, https_port, template, **machinetype))
+    daemons.append(daemon)
+    daemon.start(https_port)
+    return daemon, https_port
+
+
+def test_ec2_quota_poweroff_finished_and_accounted_once(tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
+    daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons)
+    running = wait_for("3 machines (the quota)", lambda: len(instances(ec2, "pending", "running")) == 3
+                       and instances(ec2, "pending", "running"))
+    time.sleep(3)  # a few more cycles: still the quota, not more
+    assert len(instances(ec2, "pending", "running", "stopped", "stopping")) == 3
+    instance = running[0]
+    uuid = play_machine(user_data_of(ec2, instance["InstanceId"]), daemon.ca())
+    time.sleep(2)  # the machine ran past fizzle_seconds (0) and powers off
+    ec2.stop_instances(InstanceIds=[instance["InstanceId"]])
+    wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
+    record = next(r for r in daemon.records() if r["uuid"] == uuid)
+    assert record["shutdown_message"] == "200 Success"
+    wait_for("its termination", lambda: instance["InstanceId"] in
+             {i["InstanceId"] for i in instances(ec2, "terminated", "shutting-down")})
+    wait_for("a replacement", lambda: len(instances(ec2, "pending", "running")) == 3)
+    time.sleep(2)
+    accounted = [text for text in daemon.apel_records() if f"LocalJobId: {uuid}" in text]
+    assert len(accounted) == 1
+    assert "InfrastructureDescription: APEL-VCYCLE" in accounted[0]
+    assert f"SubmitHost: {SPACE}/vcycle-vcycle.example.org" in accounted[0]
+    assert SECRET_KEY not in daemon.log()
+
+
+def test_ec2_past_wallclock_is_deleted_with_its_700(tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
+    daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, max_wallclock_seconds=3, processors_limit=1)
+    wait_for("a deletion", lambda: instances(ec2, "terminated", "shutting-down"))
+    finished = wait_for("a finished record", lambda: [r for r in daemon.records() if r["state"] == "finished"])
+    assert finished[0]["shutdown_message"] == "700 Exceeded max_wallclock_seconds"
+    assert "deleting" in daemon.log()
+
+
+def test_ec2_kill_9_and_restart_takes_the_machines_over(tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
+    daemon, https_port = ec2_daemon(tmp_path, moto, ec2, daemons)
+    running = wait_for("3 machines", lambda: len(instances(ec2, "pending", "running")) == 3
+                       and instances(ec2, "pending", "running"))
+    daemon.kill()
+    daemon.start(https_port)
+    wait_for("the restart", lambda: "3 not finished" in daemon.log())
+    time.sleep(4)  # several cycles: nothing created twice, nothing lost
+    assert len(instances(ec2, "pending", "running")) == 3
+    uuid = play_machine(user_data_of(ec2, running[1]["InstanceId"]), daemon.ca(), b"300 Nothing to do")
+    ec2.stop_instances(InstanceIds=[running[1]["InstanceId"]])
+    wait_for("its finish after the restart",
+             lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
+    assert next(r for r in daemon.records() if r["uuid"] == uuid)["shutdown_message"] == "300 Nothing to do"
+
+
+# --- OpenStack (emulator) --------------------------------------------------------------------------
+
+
+def test_openstack_garbage_answers_are_logged_and_the_space_recovers(tmp_path: Path, daemons) -> None:
+    emulator = OpenStackEmulator(max_total_cores=2)
+    try:
+        image = tmp_path / "root.img"
+        image.write_bytes(b"\0" * 1024)
+        template = tmp_path / "user_data"
+        template.write_text(TEMPLATE)
+        https_port = free_port()
+        space = "os.example.org"
+        config = "\n".join([
+            f"[space {space}]", "api = openstack", f"url = {emulator.auth_url}", f"project_name = {emu.PROJECT}",
+            f"domain_name = {emu.DOMAIN}", f"username = {emu.USER}",
+            f"password_base64 = {base64.b64encode(emu.PASSWORD.encode()).decode()}", f"region = {emu.REGION}",
+            "glance_api = 2", "https_host = 127.0.0.1", f"https_port = {https_port}", "",
+            f"[machinetype {space} lhcb]", "target_share = 1", f"root_image = {image}", f"user_data = {template}",
+            "backoff_seconds = 0", "fizzle_seconds = 0", ""])
+        emulator.answers[("GET", "/compute/v2.1/servers/detail")] = (200, {"servers": "garbage"})
+        daemon = Daemon(tmp_path, config)
+        daemons.append(daemon)
+        daemon.start(https_port)
+        wait_for("the error line", lambda: "field 'servers' is str, expected list" in daemon.log())
+        assert daemon.process.poll() is None and emulator.servers == {}
+        del emulator.answers[("GET", "/compute/v2.1/servers/detail")]
+        # the cloud's core limit (2) is the quota: one machine of 1 core per cycle, then none
+        wait_for("machines to the core limit", lambda: len(emulator.servers) == 2, seconds=90)
+        server_id = next(iter(emulator.servers))
+        emulator.set_server(server_id, "ACTIVE")
+        uuid = play_machine(emulator.user_data[server_id].decode(), daemon.ca())
+        wait_for("vcycled to see it running", lambda: any(r["uuid"] == uuid and r["state"] == "running"
+                                                          for r in daemon.records(space)))
+        emulator.set_server(server_id, "SHUTOFF", power_state=4)
+        wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished"
+                                           for r in daemon.records(space)))
+        assert len([t for t in daemon.apel_records(space) if uuid in t]) == 1
+        assert emu.PASSWORD not in daemon.log()
+    finally:
+        emulator.close()
