@@ -17,7 +17,7 @@ network on 169.254.0.0/16 can exist on a host, TESTBED.md P6: the benchmark wait
 
 1. **bare**: the benchmark makes the factory network itself, then creates ``--bare-samples``
    domains with ``conn.createXML(xml, VIR_DOMAIN_START_VALIDATE)`` (vacd's call), where ``xml``
-   comes from ``vac.backends.vm.disks.prepare_disks`` + ``vac.backends.vm.hypervisor.machine_domain_spec`` for the same
+   comes from ``vac.backends.vm.disks.prepare_disks`` + ``vac.backends.vm.domain.machine_domain_spec`` for the same
    settings and machinetype vacd uses. It times the call, waits 1 s, and times ``destroy()``.
 2. **vacd**: a real vacd process (``--log-file --log-format json --debug``) on that network
    with ``--slots`` slots, whose guests run ``vac-put shutdown_message "200 ok"`` and power off
@@ -170,7 +170,7 @@ def run_model(slots: int) -> int:
     import gc
     import tracemalloc
 
-    from tests.fakes import FakeClock, FakeWorks, settle
+    from tests.fakes import FAKE_BACKENDS, FakeClock, FakeWorks, settle
     from vac.core import config as configmod
     from vac.core.model import MachineState
     from vac.core.scheduler import HostFacts
@@ -212,7 +212,7 @@ def run_model(slots: int) -> int:
         paths = configmod.ConfigPaths(conf_dir=str(conf_dir), main_conf=str(root / "none.conf"),
                                       run_confs=(str(root / "run.conf"),))
         clock = FakeClock()
-        factory = Factory(paths, clock=clock, works_factory=FakeWorks,
+        factory = Factory(paths, clock=clock, works_factory=FakeWorks, backend_makers=FAKE_BACKENDS,
                           host_facts=lambda _store: host, processor_count=slots)
         await factory.start()
         works = FakeWorks.instances[-1]
@@ -462,11 +462,12 @@ class Bench:
 def make_network(config) -> None:
     """The factory network exactly as vacd makes it; vacd later finds it and keeps it."""
     from vac.backends.vm import hypervisor
+    from vac.backends.vm.domain import factory_network
 
     adapter = hypervisor.Hypervisor(URI, lambda _event: None)
     adapter.connect()
     try:
-        adapter.ensure_network(hypervisor.factory_network(config.settings))
+        adapter.ensure_network(factory_network(config.settings))
     finally:
         adapter.close()
 
@@ -475,7 +476,8 @@ def bare_samples(bench: Bench, config, lifecycle: Lifecycle, count: int) -> tupl
     """Durations of bare createXML calls of vacd's XML for slot 0, and of destroy() 1 s later."""
     import libvirt
 
-    from vac.backends.vm import disks, hypervisor
+    from vac.backends.vm import disks
+    from vac.backends.vm.domain import machine_domain_spec
     from vac.core.model import Machine, slot_name
 
     settings = config.settings
@@ -491,8 +493,8 @@ def bare_samples(bench: Bench, config, lifecycle: Lifecycle, count: int) -> tupl
         directory.mkdir(parents=True)
         machine_disks = disks.prepare_disks(settings, machinetype, machine,
                                             str(directory / "disks"), bench.guest.iso)
-        xml = hypervisor.machine_domain_spec(machine, machinetype, settings, str(directory),
-                                             machine_disks).to_xml()
+        xml = machine_domain_spec(machine, machinetype, settings, str(directory),
+                                  machine_disks).to_xml()
         start = time.perf_counter()
         domain = lifecycle.conn.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
         creates.append(time.perf_counter() - start)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.fakes import FakeClock, FakeDomain, FakeWorks, settle
+from tests.fakes import FAKE_BACKENDS, FakeClock, FakeDomain, FakeWorks, settle
 from vac.core import config as configmod
 from vac.core.model import MachineState
 from vac.core.scheduler import HostFacts
@@ -64,7 +64,7 @@ def idle_host(_store):
 def make_factory(tmp_path, clock, **kwargs):
     FakeWorks.instances.clear()
     return Factory(write_config(tmp_path, **kwargs), clock=clock, works_factory=FakeWorks,
-                   host_facts=idle_host, processor_count=8)
+                   backend_makers=FAKE_BACKENDS, host_facts=idle_host, processor_count=8)
 
 
 def run(coroutine):
@@ -97,8 +97,8 @@ async def power_off(factory, works, uuid):
 def test_fills_free_processors_and_refills_a_slot_after_poweroff(tmp_path, clock):
     async def scenario():
         factory, works = await started(tmp_path, clock)
-        assert [call[1] for call in works.named("create")] == ["f1-00.example.org",
-                                                               "f1-01.example.org"]
+        assert sorted(call[1] for call in works.named("create")) == ["f1-00.example.org",
+                                                                     "f1-01.example.org"]
         assert all(m.state is MachineState.RUNNING for m in factory.machines.values())
         first = next(m for m in factory.machines.values() if m.slot == 0)
         clock.advance(120)
@@ -192,7 +192,7 @@ def test_restart_adopts_running_and_finishes_vanished_exactly_once(tmp_path, clo
         clock.advance(300)
 
         restarted = Factory(factory.paths, clock=clock, works_factory=FakeWorks,
-                            host_facts=idle_host, processor_count=8)
+                            backend_makers=FAKE_BACKENDS, host_facts=idle_host, processor_count=8)
         FakeWorks.instances.clear()
         original_init = FakeWorks.__init__
 
@@ -501,7 +501,7 @@ def test_a_machine_that_ended_unseen_keeps_its_last_reading_and_the_log_says_so(
         clock.advance(30)
         await cycle(factory)
         assert [call[3] for call in works.named("account")] == [20.0]
-        assert ("no CPU reading at its end (its domain was gone before it could be read): CPU "
+        assert ("no CPU reading at its end (it was gone before it could be read): CPU "
                 "time 20 s is its last reading") in caplog.text
         await factory.shutdown()
 

@@ -12,7 +12,7 @@ import pytest
 from vac.backends.commands import CommandError, run_command
 from vac.backends.vm import disks
 from vac.backends.vm.disks import DiskError
-from vac.backends.vm.hypervisor import DiskSpec
+from vac.backends.vm.domain import DiskSpec
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
 

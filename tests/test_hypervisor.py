@@ -1,4 +1,5 @@
-"""Pure tests of the libvirt adapter's XML objects and designers (golden files, no libvirt)."""
+"""Pure tests of the libvirt domain and network XML objects and designers (golden files), and of
+the adapter's event and state vocabulary."""
 
 from __future__ import annotations
 
@@ -6,18 +7,16 @@ import dataclasses
 
 import pytest
 
-from vac.backends.vm import hypervisor
-from vac.backends.vm.hypervisor import (
+from vac.backends.vm import domain
+from vac.backends.vm.domain import (
     DhcpHost,
     DiskSpec,
-    DomainEvent,
-    DomainState,
-    EventKind,
     MachineMetadata,
     NetworkSpec,
     factory_network,
     machine_domain_spec,
 )
+from vac.backends.vm.hypervisor import DomainEvent, DomainState, EventKind
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
 
@@ -105,8 +104,8 @@ def test_domain_xml_carries_identity_for_cloud_init_and_recovery():
     assert root.find("os/smbios").get("mode") == "sysinfo"
     assert [root.findtext(event) for event in ("on_poweroff", "on_reboot", "on_crash")] == \
         ["destroy"] * 3
-    element = root.find(f"metadata/{{{hypervisor.VAC_XML_NAMESPACE}}}machine")
-    assert MachineMetadata.from_xml(hypervisor.ET.tostring(element)) == \
+    element = root.find(f"metadata/{{{domain.VAC_XML_NAMESPACE}}}machine")
+    assert MachineMetadata.from_xml(domain.ET.tostring(element)) == \
         MachineMetadata.from_machine(make_machine())
 
 
@@ -115,7 +114,7 @@ def test_domain_xml_carries_identity_for_cloud_init_and_recovery():
 
 def test_metadata_round_trips_with_or_without_namespace():
     metadata = MachineMetadata.from_machine(make_machine(slot=260))
-    text = hypervisor.ET.tostring(metadata.to_element(), encoding="unicode")
+    text = domain.ET.tostring(metadata.to_element(), encoding="unicode")
     assert MachineMetadata.from_xml(text) == metadata
     # libvirt's virDomainGetMetadata returns the element with the namespace stripped
     bare = ('<machine name="factory-260.example.org" slot="260" machinetype="cms" '

@@ -9,17 +9,19 @@ import libvirt
 import pytest
 
 from vac.backends.commands import CommandError
-from vac.backends.vm.hypervisor import (
+from vac.backends.vm.domain import (
     DiskSpec,
+    MachineMetadata,
+    domain_name,
+    factory_network,
+    machine_domain_spec,
+)
+from vac.backends.vm.hypervisor import (
     DomainState,
     EventKind,
     Hypervisor,
     HypervisorError,
-    MachineMetadata,
     NotConnectedError,
-    domain_name,
-    factory_network,
-    machine_domain_spec,
 )
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
@@ -254,36 +256,39 @@ def test_failing_address_command_is_reported(test_driver_uri, events):
         adapter.close()
 
 
-def test_machine_works_keeps_final_cpu_readings_until_the_finish_releases_them(
-        test_driver_uri, tmp_path):
+def test_libvirt_backend_keeps_final_cpu_readings_until_the_release(test_driver_uri, tmp_path):
     """The CPU time of a domain that is gone: read before vacd destroyed it, or carried by the
-    SHUTDOWN event of the guest's poweroff, and kept until the machine is released."""
+    SHUTDOWN event of the guest's poweroff, and kept until the machine is released (or, for a
+    zombie, forgotten)."""
     import dataclasses
 
+    from vac.backends.vm.backend import LibvirtBackend
     from vac.backends.vm.hypervisor import DomainEvent
-    from vac.daemon.machines import MachineWorks
-    from vac.records.store import Store
 
     settings = dataclasses.replace(SETTINGS, libvirt_uri=test_driver_uri, state_dir=str(tmp_path))
     stopped = []
-    works = MachineWorks(Store(tmp_path), settings, stopped.append, lambda: None)
-    works.hypervisor.connect()
+    backend = LibvirtBackend(settings, stopped.append, lambda: None, lambda machinetype: None)
+    backend.hypervisor.connect()
     try:
         machine, spec = make_spec()
-        works.hypervisor.create(spec)
-        running = works.cpu_seconds(machine.uuid)
+        backend.hypervisor.create(spec)
+        running = backend.cpu_seconds(machine.uuid)
         assert running > 0
-        works.destroy(machine.uuid)
-        assert works.hypervisor.cpu_seconds(machine.uuid) is None  # libvirt forgot it
-        assert works.cpu_seconds(machine.uuid) >= running
+        (listed,) = backend.list_machines()
+        assert (listed.uuid, listed.name, listed.active) == (machine.uuid, spec.name, True)
+        backend.destroy(machine.uuid)
+        assert backend.hypervisor.cpu_seconds(machine.uuid) is None  # libvirt forgot it
+        assert backend.cpu_seconds(machine.uuid) >= running
         powered_off = str(uuidlib.uuid4())
-        works.hypervisor.event_sink(DomainEvent(EventKind.SHUTDOWN, powered_off, "guest", 1,
-                                                cpu_seconds=7.5))
-        assert stopped[-1] == powered_off and works.cpu_seconds(powered_off) == 7.5
-        works.release(machine, settings)
-        assert works.cpu_seconds(machine.uuid) is None
+        backend.hypervisor.event_sink(DomainEvent(EventKind.SHUTDOWN, powered_off, "guest", 1,
+                                                  cpu_seconds=7.5))
+        assert stopped[-1] == powered_off and backend.cpu_seconds(powered_off) == 7.5
+        backend.release(machine, settings, tmp_path / "machine")
+        assert backend.cpu_seconds(machine.uuid) is None
+        backend.forget(powered_off)
+        assert backend.cpu_seconds(powered_off) is None
     finally:
-        works.close()
+        backend.close()
 
 
 def test_qemu_cpu_time_is_read_from_proc_with_libvirts_pid_file(tmp_path):

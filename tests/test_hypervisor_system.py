@@ -24,7 +24,8 @@ import pytest
 
 from tests.conftest import EventRecorder
 from vac.backends.vm import disks
-from vac.backends.vm.hypervisor import EventKind, Hypervisor, factory_network, machine_domain_spec
+from vac.backends.vm.domain import factory_network, machine_domain_spec
+from vac.backends.vm.hypervisor import EventKind, Hypervisor
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine, slot_ip, slot_name
 

@@ -719,8 +719,8 @@ def test_machine_status_from_the_model_hides_the_message_until_shut_down():
                       state=MachineState.RUNNING, started=NOW - 5, shutdown_message="200 done")
     status = vacquery.MachineStatus.from_machine(FACTORY_NAME, machine)
     assert status.state == "Running" and status.shutdown_message is None and status.hs06 == 2.0
-    finished = vacquery.MachineStatus.from_machine(FACTORY_NAME, machine.replace(
-        state=MachineState.FINISHED, shutdown_message_time=NOW))
+    finished = vacquery.MachineStatus.from_machine(FACTORY_NAME, dataclasses.replace(
+        machine, state=MachineState.FINISHED, shutdown_message_time=NOW))
     assert finished.state == "Shut down" and finished.shutdown_message == "200 done"
 
 

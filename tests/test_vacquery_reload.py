@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from tests.fakes import FakeClock, FakeWorks, settle
+from tests.fakes import FAKE_BACKENDS, FakeClock, FakeWorks, settle
 from vac.core import config as configmod
 from vac.core.config import FactoryAddress, Settings
 from vac.core.model import MachinetypeReport
@@ -58,8 +58,8 @@ async def start_factory(tmp_path, peer_port: int = 9) -> Factory:
         CONFIG.format(space=SPACE, peer_port=peer_port, state=tmp_path / "state"))
     paths = configmod.ConfigPaths(conf_dir=str(conf_dir), main_conf=str(tmp_path / "none.conf"),
                                   run_confs=(str(tmp_path / "run.conf"),))
-    factory = Factory(paths, clock=FakeClock(), works_factory=FakeWorks, host_facts=idle_host,
-                      processor_count=8)
+    factory = Factory(paths, clock=FakeClock(), works_factory=FakeWorks,
+                      backend_makers=FAKE_BACKENDS, host_facts=idle_host, processor_count=8)
     await factory.start()
     await factory.cycle(reconcile=True)
     await settle(factory)

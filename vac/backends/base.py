@@ -24,6 +24,11 @@ class BackendError(Exception):
     """A backend operation failed; the message says what and for which machine."""
 
 
+class BackendUnavailableError(BackendError):
+    """The engine, hypervisor or cloud cannot be reached at all (yet): no other call on this
+    backend can succeed now, so callers stop asking until it is back."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendMachine:
     """One machine as its backend sees it, for adoption, zombies and "gone" decisions.
@@ -43,7 +48,12 @@ StoppedCallback = Callable[[str], None]
 
 
 class MachineBackend(Protocol):
-    """One kind of machine. ``kind`` names it in logs and status ("vm", "container", "cloud")."""
+    """One kind of machine. ``kind`` names it in logs and status ("vm", "container", "cloud").
+
+    The daemon's stop is ``stop``, a grace period, then ``destroy``; a machine has ended when
+    it is listed inactive or ``on_stopped`` named it (which may repeat, and may name UUIDs the
+    daemon does not know). A listed machine stays listed, inactive, until ``release``.
+    """
 
     kind: str
 
@@ -70,4 +80,9 @@ class MachineBackend(Protocol):
         """CPU time used so far (or in total, once ended), None when the backend cannot tell."""
 
     def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
-        """Free what ``create`` allocated outside the backend's listing (disks, volumes)."""
+        """Free what ``create`` allocated for a finished machine (disks, volumes, an exited
+        container and its cgroup). The daemon reads ``cpu_seconds`` for accounting first."""
+
+    def forget(self, uuid: str) -> None:
+        """Free what the backend holds for a listed machine vac has no record of (a zombie,
+        after ``destroy``): an exited container, its cgroup, a kept CPU reading. Idempotent."""

@@ -84,6 +84,21 @@ class MachineState(str, enum.Enum):
 
 WIRE_STATES = ("Unknown", "Shut down", "Starting", "Running", "Paused")
 
+# The legal changes of a machine's state (ARCHITECTURE.md §4). CREATING -> FINISHING is a failed
+# creation or a machine a restart found never started; RUNNING -> FINISHING one that ended by
+# itself; STOPPING -> FINISHING one vac stopped.
+TRANSITIONS: dict[MachineState, frozenset[MachineState]] = {
+    MachineState.CREATING: frozenset({MachineState.RUNNING, MachineState.FINISHING}),
+    MachineState.RUNNING: frozenset({MachineState.STOPPING, MachineState.FINISHING}),
+    MachineState.STOPPING: frozenset({MachineState.FINISHING}),
+    MachineState.FINISHING: frozenset({MachineState.FINISHED}),
+    MachineState.FINISHED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A state change the table does not allow; the machine keeps its state."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Machine:
@@ -128,7 +143,18 @@ class Machine:
         return slot_mac(self.slot)
 
     def replace(self, **changes) -> Machine:
+        """This machine with other field values; its state changes only through ``transition``."""
+        if "state" in changes:
+            raise TypeError("a machine's state changes only through Machine.transition")
         return dataclasses.replace(self, **changes)
+
+    def transition(self, state: MachineState, **changes) -> Machine:
+        """This machine in ``state`` (with ``changes``); IllegalTransition unless TRANSITIONS
+        allows going there from its current state."""
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"{self.name} ({self.uuid}): {self.state.value} -> "
+                                    f"{state.value} is not a legal transition")
+        return dataclasses.replace(self, state=state, **changes)
 
     def with_cpu_reading(self, seconds: float, now: float) -> Machine:
         """This running machine after a reading of its CPU time at ``now``.

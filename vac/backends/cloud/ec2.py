@@ -241,6 +241,9 @@ class EC2Backend:
     def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
         """Nothing outside the instance."""
 
+    def forget(self, uuid: str) -> None:
+        """A zombie instance is gone with ``destroy``: nothing else is kept."""
+
 
 def _zone(item: dict) -> Optional[str]:
     placement = item.get("Placement")

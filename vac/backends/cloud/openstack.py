@@ -355,6 +355,9 @@ class OpenStackBackend:
     def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
         """Nothing outside the server: vcycle boots from images, not volumes."""
 
+    def forget(self, uuid: str) -> None:
+        """A zombie server is gone with ``destroy``: nothing else is kept."""
+
 
 def _read_user_data(directory: Path) -> bytes:
     try:

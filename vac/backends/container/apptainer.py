@@ -291,11 +291,15 @@ class ApptainerBackend:
 
     def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
         """Kill what is left, remove the cgroup (and with it the CPU total) and the scratch."""
-        self.destroy(machine.uuid)
-        try:
-            self._cgroups().remove(self._path(machine.uuid))
-        except CgroupError as error:
-            raise BackendError(f"{machine.name}: {error}") from error
-        with self._lock:
-            self._reported.discard(machine.uuid)
+        self.forget(machine.uuid)
         common.remove_scratch(directory)
+
+    def forget(self, uuid: str) -> None:
+        """Kill what is left and remove the cgroup (a zombie's, or at ``release``)."""
+        self.destroy(uuid)
+        try:
+            self._cgroups().remove(self._path(uuid))
+        except CgroupError as error:
+            raise BackendError(f"{uuid}: {error}") from error
+        with self._lock:
+            self._reported.discard(uuid)

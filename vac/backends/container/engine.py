@@ -465,10 +465,14 @@ class EngineBackend:
     def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
         """Remove the container, its parent cgroup and its scratch space. Idempotent; the daemon
         reads ``cpu_seconds`` for accounting before it calls this."""
-        self._remove(machine.uuid)
+        self.forget(machine.uuid)
+        common.remove_scratch(directory)
+
+    def forget(self, uuid: str) -> None:
+        """Remove the container and its parent cgroup (a zombie's, or at ``release``)."""
+        self._remove(uuid)
         if self.cgroups is not None:
             try:
-                self.cgroups.remove(cgroup_parent(self.cgroup_root, self.engine.name, machine.uuid))
+                self.cgroups.remove(cgroup_parent(self.cgroup_root, self.engine.name, uuid))
             except CgroupError as error:
-                raise BackendError(f"{machine.name}: {error}") from error
-        common.remove_scratch(directory)
+                raise BackendError(f"{uuid}: {error}") from error

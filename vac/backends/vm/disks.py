@@ -20,7 +20,7 @@ import stat
 from typing import Callable, Optional
 
 from vac.backends.commands import CommandError, CommandRunner, run_command
-from vac.backends.vm.hypervisor import DiskSpec
+from vac.backends.vm.domain import DiskSpec
 from vac.core.config import MACHINE_MODELS, Machinetype, Settings
 from vac.core.model import Machine
 
