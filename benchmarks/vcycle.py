@@ -1,0 +1,86 @@
+"""vcycled's cycle time with 1,000 machines in one space, cloud calls against moto's EC2 server.
+
+Target (ARCHITECTURE.md §8, issue 16): < 2 s per cycle. The space holds ``--machines`` running
+instances tagged as vcycle machines of the space (started with RunInstances directly); the first
+cycle takes them over (writing their records), the measured cycles are the steady state: list
+(paginated DescribeInstances), quota, plan, heartbeat checks, nothing to create (the quota is
+full). Also prints the resident memory of the process afterwards.
+Run: ``python benchmarks/vcycle.py [--machines 1000] [--cycles 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import boto3  # noqa: E402
+
+from tests.cloudservers import MotoServer  # noqa: E402
+from vac.core import cloud  # noqa: E402
+from vac.core.config import Machinetype  # noqa: E402
+from vac.core.vcycleconfig import CloudMachinetype, Space  # noqa: E402
+from vac.daemon.vcycled import SpaceWorker, cloud_backend  # noqa: E402
+
+SPACE = "bench.example.org"
+KEY, SECRET = "AKIAVCYCLEBENCH00001", "vcycle-bench-secret"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machines", type=int, default=1000)
+    parser.add_argument("--cycles", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        moto = MotoServer(root / "moto.log")
+        try:
+            ec2 = boto3.client("ec2", endpoint_url=moto.url, region_name="us-east-1",
+                               aws_access_key_id=KEY, aws_secret_access_key=SECRET)
+            image = ec2.describe_images(MaxResults=5)["Images"][0]["ImageId"]
+            for start in range(0, args.machines, 250):
+                count = min(250, args.machines - start)
+                for _ in range(count):
+                    name = cloud.machine_name("lhcb")
+                    tags = [{"Key": "Name", "Value": name}, {"Key": cloud.META_MACHINETYPE, "Value": "lhcb"},
+                            {"Key": cloud.META_SPACE, "Value": SPACE}]
+                    ec2.run_instances(ImageId=image, InstanceType="t2.micro", MinCount=1, MaxCount=1,
+                                      TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+            machinetype = Machinetype(name="lhcb", target_share=1.0, root_image=f"image:{image}",
+                                      user_data=str(root / "user_data"), max_processors=1,
+                                      heartbeat_file="heartbeat", heartbeat_seconds=3600)
+            space = Space(name=SPACE, api="ec2", url=moto.url, region="us-east-1", access_key=KEY,
+                          secret_key=SECRET, flavor_names=("t2.micro",), processors_limit=args.machines,
+                          machinetypes={"lhcb": CloudMachinetype(machinetype)})
+            worker = SpaceWorker(space, "vcycle.example.org", root / "state", ("127.0.0.1", 8443),
+                                 cloud_backend, time.time(), random.Random(1))
+            worker.cycle(time.time())  # takes the machines over
+            times = []
+            for _ in range(args.cycles):
+                start = time.perf_counter()
+                plan = worker.cycle(time.time())
+                times.append(time.perf_counter() - start)
+            creates = sum(1 for action in plan.actions if type(action).__name__ == "Create")
+            start = time.perf_counter()
+            worker.backend.list_machines()
+            listing = time.perf_counter() - start
+        finally:
+            moto.stop()
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"vcycled cycle, {args.machines} machines (moto EC2): median {statistics.median(times):.3f} s, "
+          f"max {max(times):.3f} s over {args.cycles} cycles (target < 2 s), of which listing alone "
+          f"{listing:.3f} s; {creates} creations in the last; "
+          f"peak RSS {rss_mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
