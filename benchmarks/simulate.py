@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vac.cli import simulate  # noqa: E402
+from vac.cli.scenario import format_offset  # noqa: E402
 from vac.core import scheduler  # noqa: E402
 
 SCENARIO = ROOT / "etc" / "simulate" / "ten-types.ini"
@@ -74,7 +75,7 @@ def main() -> int:
     scenario = scenario.replace(duration=simulate.parse_duration(args.duration))
     processors = scenario.groups[0].processors
     print(f"scenario {SCENARIO.name}: {len(scenario.work)} machinetypes, {processors} processors per "
-          f"factory, {simulate.format_offset(scenario.duration)} simulated")
+          f"factory, {format_offset(scenario.duration)} simulated")
     print(f"{'factories':>9} {'wall s':>8} {'cpu s':>8} {'events':>9} {'VMs':>8} {'plans':>8} "
           f"{'skipped':>9} {'planner':>8} {'us/plan':>8} {'in use':>7} {'ratio':>6}")
     baseline = None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vac.cli import main as cli
+from vac.cli import scenario as scenarios
 from vac.cli import simulate
 from vac.core import scheduler
 from vac.core.model import MachineState
@@ -63,29 +64,29 @@ def two_types(directory: Path, *, beta_work: str = "always", duration: str = "12
     ("2.5h", 9000), ("10:00", 36000), ("10:30:15", 37815), ("26:00", 93600), (" 6H ", 21600),
 ])
 def test_durations(text, seconds):
-    assert simulate.parse_duration(text) == seconds
+    assert scenarios.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "6x", "h", "-5", "1h 30m", "10:60", "inf", "nan", "5m6"])
 def test_bad_durations_are_refused(text):
     with pytest.raises(ValueError, match="duration"):
-        simulate.parse_duration(text)
+        scenarios.parse_duration(text)
 
 
 def test_work_timelines():
-    outage = simulate.parse_work("always except 10:00-14:00")
+    outage = scenarios.parse_work("always except 10:00-14:00")
     assert outage.intervals == ((0, 36000), (50400, math.inf))
     assert [outage.has_work(t) for t in (0, 35999, 36000, 50399, 50400, 10**6)] == [
         True, True, False, False, True, True]
     assert outage.returns() == (50400,)
     assert outage.describe() == "00:00-10:00, 14:00-"
-    assert simulate.parse_work("never").has_work(0) is False
-    assert simulate.parse_work("always").describe() == "always"
+    assert scenarios.parse_work("never").has_work(0) is False
+    assert scenarios.parse_work("always").describe() == "always"
     # Unsorted and overlapping intervals are merged; an open end runs for ever.
-    windows = simulate.parse_work("14:00-, 2h-4h 3h-5h")
+    windows = scenarios.parse_work("14:00-, 2h-4h 3h-5h")
     assert windows.intervals == ((7200, 18000), (50400, math.inf))
     assert windows.returns() == (7200, 50400)
-    assert simulate.parse_work("always except 0-1h").intervals == ((3600, math.inf),)
+    assert scenarios.parse_work("always except 0-1h").intervals == ((3600, math.inf),)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -94,16 +95,16 @@ def test_work_timelines():
 ])
 def test_bad_work_is_refused(text, message):
     with pytest.raises(ValueError, match=message):
-        simulate.parse_work(text)
+        scenarios.parse_work(text)
 
 
 def test_run_time_distributions():
     rng = random.Random(3)
-    assert simulate.parse_run_time("fixed 2h").sample(rng) == 7200
-    uniform = [simulate.parse_run_time("uniform 1h 2h").sample(rng) for _ in range(500)]
+    assert scenarios.parse_run_time("fixed 2h").sample(rng) == 7200
+    uniform = [scenarios.parse_run_time("uniform 1h 2h").sample(rng) for _ in range(500)]
     assert 3600 <= min(uniform) and max(uniform) <= 7200
     for text in ("exponential 6h", "lognormal 6h 3h"):
-        draws = [simulate.parse_run_time(text).sample(rng) for _ in range(4000)]
+        draws = [scenarios.parse_run_time(text).sample(rng) for _ in range(4000)]
         assert min(draws) >= 1
         assert sum(draws) / len(draws) == pytest.approx(21600, rel=0.08), text
 
@@ -114,7 +115,7 @@ def test_run_time_distributions():
 ])
 def test_bad_run_times_are_refused(text, message):
     with pytest.raises(ValueError, match=message):
-        simulate.parse_run_time(text)
+        scenarios.parse_run_time(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def test_bad_run_times_are_refused(text, message):
 
 
 def test_scenario_with_inline_configuration(tmp_path):
-    scenario = simulate.load_scenario(two_types(tmp_path, beta_work="always except 1h-2h", seed=7))
+    scenario = scenarios.load_scenario(two_types(tmp_path, beta_work="always except 1h-2h", seed=7))
     assert scenario.seed == 7 and scenario.duration == 43200 and scenario.window == 3600
     assert scenario.capacity == 160 and scenario.factory_count == 20
     assert set(scenario.work) == {"alpha", "beta"}
@@ -142,10 +143,10 @@ def test_scenario_referencing_a_configuration_directory(tmp_path):
     path = tmp_path / "s.ini"
     path.write_text("[simulation]\nconfig = vac.d\n[hosts a]\ncount = 2\n[work lhcb]\nwork = never\n"
                     "[work idle]\nwork = always\n")
-    scenario = simulate.load_scenario(str(path))
+    scenario = scenarios.load_scenario(str(path))
     assert scenario.config.settings.vac_space == "prod.example.org"
     assert list(scenario.work) == ["lhcb"] and not scenario.work["lhcb"].work.intervals
-    assert scenario.groups == (simulate.FactoryGroup("a", 2, 64),)
+    assert scenario.groups == (scenarios.FactoryGroup("a", 2, 64),)
     assert any("idle has no target_share" in warning for warning in scenario.warnings)
 
 
@@ -157,10 +158,10 @@ def test_scenario_referencing_a_directory_and_a_file(tmp_path):
     (tmp_path / "vac.conf").write_text("[machinetype a]\ntarget_share = 4\n")
     path = tmp_path / "s.ini"
     path.write_text("[simulation]\nconfig = vac.conf vac.d\n[hosts a]\n")
-    assert simulate.load_scenario(str(path)).config.machinetypes["a"].target_share == 4
+    assert scenarios.load_scenario(str(path)).config.machinetypes["a"].target_share == 4
     path.write_text("[simulation]\nconfig = vac.conf vac.conf\n[hosts a]\n")
-    with pytest.raises(simulate.ScenarioError, match="at most one directory and one file"):
-        simulate.load_scenario(str(path))
+    with pytest.raises(scenarios.ScenarioError, match="at most one directory and one file"):
+        scenarios.load_scenario(str(path))
 
 
 def test_the_scenario_overrides_a_referenced_configuration_file(tmp_path):
@@ -170,7 +171,7 @@ def test_the_scenario_overrides_a_referenced_configuration_file(tmp_path):
     path = tmp_path / "s.ini"
     path.write_text("[simulation]\nconfig = vac.conf\n[hosts a]\n"
                     "[machinetype a]\ntarget_share = 5\n[settings]\ndraining = true\n")
-    scenario = simulate.load_scenario(str(path))
+    scenario = scenarios.load_scenario(str(path))
     assert scenario.config.machinetypes["a"].target_share == 5
     assert scenario.config.settings.draining is False
     assert any("draining and shutdown_time are not simulated" in w for w in scenario.warnings)
@@ -201,18 +202,18 @@ def test_bad_scenarios_are_refused_with_a_specific_message(tmp_path, text, messa
         text += "[settings]\nvac_space = sim.example.org\nfactory_name = f.sim.example.org\n"
         text += "[machinetype a]\ntarget_share = 1\nroot_image = a.iso\nuser_data = u\n"
     path.write_text(text)
-    with pytest.raises(simulate.ScenarioError, match=message):
-        simulate.load_scenario(str(path))
+    with pytest.raises(scenarios.ScenarioError, match=message):
+        scenarios.load_scenario(str(path))
 
 
 def test_missing_scenario_file(tmp_path):
-    with pytest.raises(simulate.ScenarioError, match="cannot read scenario .*No such file"):
-        simulate.load_scenario(str(tmp_path / "absent.ini"))
+    with pytest.raises(scenarios.ScenarioError, match="cannot read scenario .*No such file"):
+        scenarios.load_scenario(str(tmp_path / "absent.ini"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
 def test_example_scenarios_load_cleanly(path):
-    scenario = simulate.load_scenario(str(path))
+    scenario = scenarios.load_scenario(str(path))
     assert scenario.description and scenario.warnings == ()
 
 
@@ -236,7 +237,7 @@ def test_summed_peer_reports_give_the_planner_the_same_decisions(tmp_path, durat
     path = two_types(tmp_path, beta_work="never", duration=duration, hosts=12, processors=6,
                      settings={"peer_cache_seconds": 0, "hs06_per_processor": 10.5, "max_probes": 3},
                      probe_seconds="7m")
-    simulation = simulate.Simulation(simulate.load_scenario(path))
+    simulation = simulate.Simulation(scenarios.load_scenario(path))
     simulation.run()
     now = simulation.end
     per_peer = _per_peer_reports(simulation, now)
@@ -272,7 +273,7 @@ def test_peer_cache_shows_peers_as_of_the_last_refresh(tmp_path):
     # knows only its own machines, so each fills itself 2:1 by its own report.
     path = two_types(tmp_path, duration="1h", hosts=4, processors=9, peer_cache_phases=1,
                      settings={"peer_cache_seconds": 7200})
-    simulation = simulate.Simulation(simulate.load_scenario(path))
+    simulation = simulate.Simulation(scenarios.load_scenario(path))
     simulation.run()
     for factory in simulation.factories:
         peers = simulation.peer_reports(factory)
@@ -280,7 +281,7 @@ def test_peer_cache_shows_peers_as_of_the_last_refresh(tmp_path):
         own = {r.machinetype: r.running_processors for r in simulation.own_reports(factory)}
         assert own == {"alpha": 6, "beta": 3}
     # With refreshes every 30 s the same space sees its peers.
-    simulation = simulate.Simulation(simulate.load_scenario(two_types(tmp_path, duration="1h", hosts=4)))
+    simulation = simulate.Simulation(scenarios.load_scenario(two_types(tmp_path, duration="1h", hosts=4)))
     simulation.run()
     peers = simulation.peer_reports(simulation.factories[0])
     assert sum(r.running_machines for r in peers) == 24  # 3 other factories × 8 processors
@@ -291,7 +292,7 @@ def test_machines_past_their_deadline_are_shut_down_by_the_planner(tmp_path):
         tmp_path, simulation={"duration": "5h", "stop_seconds": 20}, hosts={"wn": (3, 4)},
         work={"long": {"run_time": "fixed 10h"}},
         machinetypes={"long": {"target_share": 1, "max_wallclock_seconds": 3600}})
-    simulation = simulate.Simulation(simulate.load_scenario(path))
+    simulation = simulate.Simulation(scenarios.load_scenario(path))
     result = simulation.run()
     scenario = simulation.scenario
     limit = 3600 + scenario.tick_seconds + scenario.stop_seconds
@@ -310,7 +311,7 @@ def test_machines_past_their_deadline_are_shut_down_by_the_planner(tmp_path):
 
 
 def test_shares_converge_to_their_targets(tmp_path):
-    result = simulate.simulate(simulate.load_scenario(two_types(tmp_path, duration="12h")))
+    result = simulate.simulate(scenarios.load_scenario(two_types(tmp_path, duration="12h")))
     assert result.machinetypes["alpha"].target == pytest.approx(2 / 3)
     # Run times of 1-3 h: after the first 3 h every machine has been replaced at least once, by
     # the planner choosing the type furthest below its share. Tolerance: one machine in 40 of
@@ -324,7 +325,7 @@ def test_shares_converge_to_their_targets(tmp_path):
 
 @pytest.mark.parametrize("peer_cache_seconds", [0, 30])
 def test_a_type_without_work_only_probes(tmp_path, peer_cache_seconds):
-    scenario = simulate.load_scenario(two_types(tmp_path, beta_work="never", duration="12h",
+    scenario = scenarios.load_scenario(two_types(tmp_path, beta_work="never", duration="12h",
                                                 settings={"peer_cache_seconds": peer_cache_seconds}))
     result = simulate.simulate(scenario)
     beta = result.machinetypes["beta"]
@@ -345,7 +346,7 @@ def test_a_type_without_work_only_probes(tmp_path, peer_cache_seconds):
 
 
 def test_a_type_recovers_when_its_work_returns(tmp_path):
-    scenario = simulate.load_scenario(two_types(tmp_path, beta_work="4h-", duration="10h"))
+    scenario = scenarios.load_scenario(two_types(tmp_path, beta_work="4h-", duration="10h"))
     result = simulate.simulate(scenario)
     beta = result.machinetypes["beta"]
     assert beta.probe_vms > 0
@@ -365,7 +366,7 @@ def test_a_type_recovers_when_its_work_returns(tmp_path):
 
 
 def test_the_same_seed_gives_the_same_run(tmp_path):
-    scenario = simulate.load_scenario(two_types(tmp_path, beta_work="always except 1h-2h", duration="4h"))
+    scenario = scenarios.load_scenario(two_types(tmp_path, beta_work="always except 1h-2h", duration="4h"))
     first, second = (simulate.simulate(scenario).to_dict() for _ in range(2))
     other = simulate.simulate(scenario.replace(seed=2)).to_dict()
     for run in (first, second, other):
@@ -378,7 +379,7 @@ def test_the_same_seed_gives_the_same_run(tmp_path):
 
 
 def test_summary_and_json(tmp_path):
-    scenario = simulate.load_scenario(two_types(tmp_path, beta_work="always except 1h-2h",
+    scenario = scenarios.load_scenario(two_types(tmp_path, beta_work="always except 1h-2h",
                                                 duration="3h", description="outage"))
     result = simulate.simulate(scenario)
     text = simulate.format_summary(result)
@@ -416,7 +417,7 @@ def test_plot_is_a_png(tmp_path):
     assert cli.main(["simulate", path, "--plot", str(png)]) == 0
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10000
     with pytest.raises(simulate.PlotError, match="cannot write"):
-        simulate.plot(simulate.simulate(simulate.load_scenario(path)), str(tmp_path / "no" / "x.png"))
+        simulate.plot(simulate.simulate(scenarios.load_scenario(path)), str(tmp_path / "no" / "x.png"))
 
 
 def test_plot_without_matplotlib_fails_before_simulating(tmp_path, monkeypatch, capsys):
