@@ -41,7 +41,7 @@ def test_spec_version_is_the_package_version():
 
 
 def test_spec_installs_every_unit_and_state_directory():
-    assert sorted(spec_value("units").split()) == UNITS
+    assert sorted(spec_value("units").split() + spec_value("vcycle_units").split()) == UNITS
     assert sorted(spec_value("statedirs").split()) == sorted(SUBDIRECTORIES)
 
 
@@ -78,7 +78,7 @@ def test_ssmsend_configuration_reads_our_queue():
 def test_units_pass_systemd_analyze_verify(tmp_path):
     # verify insists that executables exist: point the units at stand-ins.
     stand_ins = {}
-    for command in ("/usr/sbin/vacd", "/usr/bin/vac", "/usr/bin/ssmsend"):
+    for command in ("/usr/sbin/vacd", "/usr/sbin/vcycled", "/usr/bin/vac", "/usr/bin/ssmsend"):
         stand_in = tmp_path / "bin" / Path(command).name
         stand_in.parent.mkdir(exist_ok=True)
         stand_in.write_text("#!/bin/sh\n")
@@ -162,7 +162,7 @@ def rpms(tmp_path_factory) -> dict:
     if shutil.which("rpmbuild") is None:
         pytest.skip("rpmbuild not installed")
     built = build_rpms(tmp_path_factory.mktemp("rpmbuild"))
-    assert set(built) == {"vac", "vac-command"}, built
+    assert set(built) == {"vac", "vac-command", "vac-vcycle"}, built
     return built
 
 
@@ -195,7 +195,7 @@ def test_rpm_file_lists(rpms):
                  "/etc/logrotate.d/vac", "/etc/sysconfig/vacd", "/var/lib/vac", "/var/lib/vac/machines",
                  "/var/lib/vac/apel-outgoing", "/usr/share/vac/puppet/vac/manifests/init.pp",
                  "/usr/lib/systemd/system-preset/50-vac.preset",
-                 *(f"/usr/lib/systemd/system/{unit}" for unit in UNITS)]:
+                 *(f"/usr/lib/systemd/system/{unit}" for unit in UNITS if unit != "vcycled.service")]:
         assert path in daemon_files
     assert any(re.fullmatch(r"/usr/share/man/man8/vacd\.8(\.gz)?", path) for path in daemon_files)
     assert any(re.fullmatch(r"/usr/share/man/man8/check-vacd\.8(\.gz)?", path) for path in daemon_files)
@@ -206,6 +206,10 @@ def test_rpm_file_lists(rpms):
     assert any(re.fullmatch(r"/usr/lib/python3[.\d]*/site-packages/vac/cli/check\.py", path) for path in command_files)
     assert any(re.fullmatch(r"/usr/share/man/man1/vac\.1(\.gz)?", path) for path in command_files)
     assert not daemon_files & command_files
+    vcycle_files = set(query(rpms["vac-vcycle"], "-l").split())
+    assert {"/usr/sbin/vcycled", "/usr/lib/systemd/system/vcycled.service", "/etc/vcycle.d",
+            "/var/lib/vcycle"} <= vcycle_files
+    assert not vcycle_files & (daemon_files | command_files)
 
 
 @pytest.mark.component
