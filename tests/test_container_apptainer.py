@@ -112,6 +112,7 @@ class Factory:
                                  state_dir=str(root / "state"))
         self.stopped: queue.Queue = queue.Queue()
         self.backends: list = []
+        self.slots = 0
 
     def backend(self) -> ApptainerBackend:
         backend = ApptainerBackend(self.stopped.put, singularity_user=USER, binary=self.binary,
@@ -124,8 +125,12 @@ class Factory:
         machinetype = Machinetype(name="ap", root_image=image, machine_model="apptainer",
                                   user_data="user_data", container_command=command)
         now = time.time()
-        machine = Machine(uuid=str(uuidmod.uuid4()), name=slot_name("ap.test.invalid", 0),
-                          slot=0, machinetype="ap", machine_model="apptainer", processors=1,
+        # A slot of its own per machine: machines started in the same second in one slot would
+        # share a directory, and a test would see the previous machine's files.
+        slot = self.slots
+        self.slots += 1
+        machine = Machine(uuid=str(uuidmod.uuid4()), name=slot_name("ap.test.invalid", slot),
+                          slot=slot, machinetype="ap", machine_model="apptainer", processors=1,
                           created=now, deadline=now + 3600)
         directory = self.store.create_machine_dir(machine)
         os.chmod(directory, 0o755)
