@@ -217,13 +217,15 @@ def test_restart_adopts_running_and_finishes_vanished_exactly_once(tmp_path, clo
     run(scenario())
 
 
-def test_zombie_domain_is_destroyed(tmp_path, clock):
+def test_zombies_are_destroyed_and_forgotten_exited_ones_only_forgotten(tmp_path, clock):
     async def scenario():
-        def add_zombie(works):
+        def add_zombies(works):
             works.domains["zombie"] = FakeDomain("zombie", "f1-07.example.org")
+            works.domains["exited"] = FakeDomain("exited", "vac-exited", active=False)
 
-        factory, works = await started(tmp_path, clock, processors=1, prepare=add_zombie)
-        assert ("destroy", "zombie") in works.calls
+        factory, works = await started(tmp_path, clock, processors=1, prepare=add_zombies)
+        assert works.named("destroy") == [("destroy", "zombie")]
+        assert sorted(works.named("forget")) == [("forget", "exited"), ("forget", "zombie")]
         await factory.shutdown()
 
     run(scenario())
@@ -571,3 +573,57 @@ def test_config_stamp_sees_edits_new_and_removed_files(tmp_path):
     (tmp_path / "vac.d" / "20-more.conf").unlink()
     (tmp_path / "run.conf").write_text("[settings]\ndraining = yes\n")
     assert config_stamp(paths) not in (stamp, edited, added)
+
+
+def test_a_backend_that_cannot_connect_refuses_only_its_machinetypes(tmp_path, clock, caplog):
+    """podman missing: its machinetype is logged once and never created; the VMs go on, and a
+    later reconcile that finds podman creates the container machinetype again."""
+    import logging
+
+    from vac.backends.base import BackendError
+
+    caplog.set_level(logging.INFO, logger="vacd")
+
+    class MissingEngine:
+        """podman, not installed until ``installed``; then the recording fake."""
+
+        kind = "container"
+        installed = False
+
+        def attach(self, settings, on_stopped, on_reconnected, works):
+            self.works = works
+            return self
+
+        def connect(self):
+            if not self.installed:
+                raise BackendError("podman is not installed")
+
+        def __getattr__(self, name):
+            return getattr(self.works, name)
+
+    engine = MissingEngine()
+    podman = ("[machinetype ct]\ntarget_share = 1\nmachine_model = podman\n"
+              "root_image = docker://example.org/ct\nuser_data = /images/ct.user_data\n")
+
+    async def scenario():
+        factory = Factory(write_config(tmp_path, processors=4, extra="", machinetype_extra=podman),
+                          clock=clock, works_factory=FakeWorks, backend_makers={
+                              **FAKE_BACKENDS, "engine": engine.attach},
+                          host_facts=idle_host, processor_count=8)
+        await factory.start()
+        works = FakeWorks.instances[-1]
+        await cycle(factory)
+        assert {call[2] for call in works.named("create")} == {"lhcb"}
+        assert caplog.text.count("the engine backend cannot be used: podman is not installed") == 1
+        await cycle(factory)  # the reconcile tries again: still missing, not logged again
+        assert caplog.text.count("the engine backend cannot be used") == 1
+        assert factory.backends.for_model("podman") is None
+        engine.installed = True
+        await cycle(factory)
+        assert "the engine backend is connected" in caplog.text
+        assert factory.backends.for_model("podman") is engine
+        assert "ct" in {call[2] for call in works.named("create")}
+        await factory.shutdown()
+
+    FakeWorks.instances.clear()
+    run(scenario())
