@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from vac.backends.base import BackendError, BackendUnavailableError, MachineBackend
+from vac.backends.base import BackendError, BackendMachine, BackendUnavailableError, MachineBackend
 from vac.core import lifecycle, scheduler
 from vac.core.config import Config, Machinetype, Settings
 from vac.core.model import Finish, IllegalTransition, Machine, MachineState, slot_name
@@ -370,8 +370,10 @@ class Executor:
                                              self.retry_at, now):
             self.apply_lifecycle(action, now)
 
-    async def reconcile(self) -> None:
-        """Compare the model with every connected backend's listing and apply the result."""
+    async def reconcile(self) -> list[tuple[str, BackendMachine]]:
+        """Compare the model with every connected backend's listing and apply the result.
+        Returns the listing (by backend key), for a planner that needs it (a quota planner
+        reads the cloud's states and processors from it)."""
         listed, answered = [], set()
         for key, backend in self.backends.listable().items():
             try:
@@ -395,6 +397,7 @@ class Executor:
             else:
                 self.apply_lifecycle(action, now)
         await self.record_cpu(readings)
+        return listed
 
     def apply_lifecycle(self, action: lifecycle.LifecycleAction, now: float) -> None:
         if isinstance(action, lifecycle.DestroyZombie):
