@@ -33,6 +33,7 @@ from vac.core.config import (
     load_config,
     load_config_or_raise,
 )
+from vac.ops import configcli
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "config"
@@ -809,7 +810,7 @@ def test_config_objects_are_immutable(space):
 def test_config_paths_defaults_and_from_args():
     assert ConfigPaths() == ConfigPaths("/etc/vac.d", "/etc/vac.conf", ("/run/vac.conf", "/var/run/vac.conf"))
     parser = argparse.ArgumentParser()
-    cli.add_config_arguments(parser)
+    configcli.add_config_arguments(parser)
     assert ConfigPaths.from_args(parser.parse_args([])) == ConfigPaths()
     args = parser.parse_args(["--conf-dir", "/d", "--conf", "/m.conf", "--run-conf", "/r.conf"])
     assert ConfigPaths.from_args(args) == ConfigPaths("/d", "/m.conf", ("/r.conf",))

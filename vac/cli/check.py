@@ -190,7 +190,7 @@ class _PluginArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vac.cli.main import add_config_arguments
+    from vac.ops.configcli import add_config_arguments
 
     parser = _PluginArgumentParser(prog="check-vacd", description="Nagios/Icinga check of the local vacd.")
     parser.add_argument("-w", "--warning", type=float, default=DEFAULT_WARNING_SECONDS, metavar="SECONDS",

@@ -12,14 +12,8 @@ import sys
 from typing import Optional
 
 from vac import __version__
-from vac.core.config import DEFAULT_CONF_DIR, DEFAULT_MAIN_CONF, DEFAULT_RUN_CONFS
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``vac`` and ``vacd`` to read configuration from elsewhere."""
-    parser.add_argument("--conf-dir", default=DEFAULT_CONF_DIR, help="fragment directory (default %(default)s)")
-    parser.add_argument("--conf", default=DEFAULT_MAIN_CONF, help="main file (default %(default)s)")
-    parser.add_argument("--run-conf", default=None, help="run-time file (default /run/vac.conf and /var/run/vac.conf)")
+from vac.core.config import DEFAULT_RUN_CONFS
+from vac.ops.configcli import add_config_arguments, report_config
 
 
 def cmd_conf(args: argparse.Namespace) -> int:
@@ -29,14 +23,7 @@ def cmd_conf(args: argparse.Namespace) -> int:
     """
     from vac.core import config as configmod
 
-    config, problems = configmod.load_config(configmod.ConfigPaths.from_args(args))
-    for problem in problems:
-        print(f"{problem.level}: {problem}", file=sys.stderr)
-    if config is None:
-        return 1
-    if not args.check:
-        print(configmod.format_effective_config(config), end="")
-    return 0
+    return report_config(configmod.ConfigPaths.from_args(args), args.check)
 
 
 def register_config_commands(commands: argparse._SubParsersAction) -> None:

@@ -108,7 +108,7 @@ class ConfigPaths:
 
     @classmethod
     def from_args(cls, args: Any) -> ConfigPaths:
-        """From the options added by ``vac.cli.main.add_config_arguments`` (missing ones: defaults)."""
+        """From the options added by ``vac.ops.configcli.add_config_arguments`` (missing ones: defaults)."""
         run_conf = getattr(args, "run_conf", None)
         return cls(
             conf_dir=getattr(args, "conf_dir", None) or DEFAULT_CONF_DIR,

@@ -32,7 +32,6 @@ from typing import Callable, Optional
 from vac import __version__
 from vac.backends.vm.disks import DiskError
 from vac.backends.vm.hypervisor import HypervisorError
-from vac.cli.main import add_config_arguments
 from vac.core import config as configmod
 from vac.core import scheduler
 from vac.core.model import Machine
@@ -42,6 +41,7 @@ from vac.daemon.executor import Executor, Hooks
 from vac.daemon.machines import MachineWorks
 from vac.daemon.runtime import LoopRuntime
 from vac.daemon.status import StatusPublisher
+from vac.ops.configcli import add_config_arguments, report_config
 from vac.ops.hostinfo import factory_facts, read_host_facts
 from vac.records.store import Store, StoreError
 from vac.services import vacquery
@@ -578,10 +578,7 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     paths = configmod.ConfigPaths.from_args(args)
     if args.check_config:
-        from vac.cli.main import cmd_conf
-
-        args.check = True
-        return cmd_conf(args)
+        return report_config(paths, problems_only=True)
     from vac.ops.logsetup import setup_logging
 
     if args.daemon and not args.log_file:
