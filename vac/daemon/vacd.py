@@ -243,7 +243,7 @@ class Factory:
             self.load_config()
         now = self.clock()
         if reconcile:
-            await self.connect_container_backends()
+            await self.connect_backends()
             await self.executor.reconcile()
             self.host_status = await self.run_blocking(factory_facts, self.config.settings.state_dir)
             if now >= self.next_expiry:
@@ -363,7 +363,7 @@ class Factory:
             await self.run_blocking(self.works.check_storage)
         except DiskError as error:
             raise StartupError(f"volume_group {settings.volume_group}: {error}") from error
-        await self.connect_container_backends(recovered)
+        await self.connect_backends(recovered)
         await self.run_blocking(self.works.complete_accounting)
         self.executor.finishes.update(self.store.load_finishes())
         for machine in recovered:
@@ -398,15 +398,27 @@ class Factory:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             delay = min(delay * 2, MAX_CONNECT_DELAY_SECONDS)
 
-    async def connect_container_backends(self, machines: Optional[list] = None) -> None:
-        """Connect the other backends the configuration (or recovered machines) need; one that
-        fails is logged and its machinetypes refused until a later reconcile connects it."""
-        wanted = self.needed_backends(machines or self.live()) - {backendsmod.LIBVIRT}
+    async def connect_backends(self, machines: Optional[list] = None) -> None:
+        """Connect the backends the configuration (or recovered machines) need and are not
+        connected; one that fails is logged and its machinetypes refused until a later reconcile
+        connects it. libvirt is waited for at start; here it is new only when a reload added the
+        first VM machinetype, whose metadata/MJF services then start too."""
+        wanted = self.needed_backends(machines or self.live())
         if wanted - set(self.backends.connected):
             await self.run_blocking(self.backends.try_connect, wanted)
+        if self.responder is not None and self.http_services is None:
+            try:
+                await self.start_vm_services()
+            except OSError as error:
+                log.error("cannot start the metadata/MJF services for VMs: %s; trying again at "
+                          "the next reconcile", error)
 
-    async def start_services(self) -> None:
-        """Bind the metadata/MJF services, the VacQuery responder and the optional metrics."""
+    async def start_vm_services(self) -> None:
+        """Bind the metadata and MJF services, only while libvirt (its network, whose bridge
+        holds their addresses) is connected: containers read MJF and write joboutputs through
+        bind mounts, so a node without VM machinetypes binds neither address."""
+        if backendsmod.LIBVIRT not in self.backends.connected:
+            return
         from vac.services import metadata
 
         settings = self.config.settings
@@ -414,6 +426,15 @@ class Factory:
                                                            limits=service_limits(settings))
         self.services.append(self.http_services)
         self.publisher.services_up = True
+
+    async def start_services(self) -> None:
+        """Bind the metadata/MJF services (VMs only), the VacQuery responder and the optional
+        metrics."""
+        settings = self.config.settings
+        await self.start_vm_services()
+        if self.http_services is None:
+            log.info("no VM machinetype: the metadata and MJF services are not started "
+                     "(containers read Machine/Job Features through bind mounts)")
         secret = vacquery.load_secret(settings)
         self.responder = await vacquery.start_responder(settings, lambda: self.status_snapshot,
                                                         secret)
