@@ -121,3 +121,14 @@ def test_died_events_of_both_engines():
     assert parse_event(json.dumps({**podman, "Attributes": {}})) is None
     assert parse_event("not json") is None
     assert parse_event("[1]") is None
+
+
+@pytest.mark.parametrize("model, reported", [("podman", "docker"), ("docker", "docker"),
+                                             ("apptainer", "singularity"),
+                                             ("singularity", "singularity"),
+                                             ("cernvm3", "cernvm3")])
+def test_vacquery_reports_the_classic_model_names(model, reported):
+    from vac.services.vacquery import MachineStatus
+
+    machine = dataclasses.replace(MACHINE, machine_model=model)
+    assert MachineStatus.from_machine(SETTINGS.factory_name, machine).machine_model == reported

@@ -55,6 +55,13 @@ MACHINE_MODELS = ("cernvm3", "cernvm4", "vm-raw")
 ENGINE_MODELS = ("docker", "podman")  # run by container_engine (podman or docker)
 APPTAINER_MODELS = ("singularity", "apptainer")  # run by apptainer (or singularity)
 CONTAINER_MODELS = ENGINE_MODELS + APPTAINER_MODELS
+# What peers and VacMon are told: Vac 03 knows the container models only as docker/singularity.
+CLASSIC_MODEL_NAMES = {"podman": "docker", "apptainer": "singularity"}
+
+
+def classic_model_name(model: Optional[str]) -> Optional[str]:
+    """``model`` as Vac 03 names it (podman -> docker, apptainer -> singularity)."""
+    return CLASSIC_MODEL_NAMES.get(model, model) if model is not None else None
 
 MAX_REMOTE_CHARS = 65536  # any text value from the network
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from vac.core.model import MachinetypeReport
+from vac.core.schema import classic_model_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +38,13 @@ class MachineStatus:
 
     @classmethod
     def from_machine(cls, factory: str, machine: Any) -> MachineStatus:
-        """From a ``vac.core.model.Machine``; the shutdown message only once it has shut down."""
+        """From a ``vac.core.model.Machine``; the shutdown message only once it has shut down;
+        the machine model as Vac 03 names it (podman is reported as docker)."""
         wire_state = machine.state.wire_state
         shut_down = wire_state == "Shut down"
         return cls(
             factory=factory, machine=machine.name, state=wire_state, machinetype=machine.machinetype,
-            machine_model=machine.machine_model, uuid=machine.uuid, created_time=machine.created,
+            machine_model=classic_model_name(machine.machine_model), uuid=machine.uuid, created_time=machine.created,
             started_time=machine.started, heartbeat_time=machine.heartbeat,
             processors=machine.processors, cpu_seconds=machine.cpu_seconds,
             cpu_percentage=machine.cpu_percentage,
