@@ -24,6 +24,9 @@ RESTART_NEEDED = frozenset({
     # sockets bound at start, and the limits the MJF service was started with
     "http_port", "vacquery_address", "vacquery_port", "metrics_port",
     "joboutputs_file_max_bytes", "joboutputs_total_max_bytes", "joboutputs_max_files",
+    # the container backends are made with these when a machinetype first needs them, and the
+    # containers they run are found and stopped through the same engine and account
+    "container_engine", "container_runtime", "container_network", "singularity_user",
 })
 
 
