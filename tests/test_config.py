@@ -987,7 +987,12 @@ def test_what_files_refuse_the_network_refuses_too(option, text, message):
     ("accounting_fqan", "/lhcb" * 60, "longer than 256"),
     ("image_signing_dn", "/CN=Jos\u00e9", "control or non-ASCII"),
     ("disk_gb_per_processor", "0.0001", "must be between 0.001 and 100000"),
-    ("machine_model", "podman", "must be one of cernvm3, cernvm4, vm-raw"),
+    ("root_image", "docker://localhost:5000/lhcb/pilot", "local or link-local"),
+    ("root_image", "docker://169.254.169.254/pilot", "local or link-local"),
+    ("root_image", "docker://LHCb/Pilot", "must name an image like"),
+    ("container_command", "/user_data --site=Jos\u00e9", "control or non-ASCII"),
+    ("tmp_binds", "/scratch /etc/jobfeatures", "may not bind"),
+    ("tmp_binds", " ".join(f"/s{n}" for n in range(17)), "more than 16 paths"),
 ])
 def test_the_remote_mode_is_stricter(option, text, message):
     text = text.encode().decode("unicode_escape")

@@ -135,7 +135,7 @@ HOSTILE = [
     ("root_image", "http://user@example.org/x", "no user name"),
     ("root_image", "http://example.org:99999/x", "invalid port"),
     ("root_image", "/cvmfs/cernvm-prod.cern.ch/../../etc/shadow", "plain /cvmfs/ path"),
-    ("root_image", "docker://centos:7", "not support"),
+    ("root_image", "docker://centos:7", "docker:// images are for machine_model docker or podman"),
     ("root_image", "a" * 5000, "longer than 2048"),
     ("root_image", 42, "must be a string, not an integer"),
     ("root_image", None, "must be a string, not null"),
@@ -154,7 +154,9 @@ HOSTILE = [
     ("root_device", "vda; ls", "device name"),
     ("accounting_fqan", "/lhcb/Role=x;y", "an FQAN"),
     ("image_signing_dn", "/CN=(", "not a valid regular expression"),
-    ("machine_model", "docker", "must be one of"),
+    ("machine_model", "lxc", "must be one of"),
+    ("machine_model", "docker", "machine_model docker needs root_image = docker://IMAGE"),
+    ("root_image", "docker://127.0.0.1:5000/lhcb/pilot", "local or link-local"),
     ("max_processors", "lots", "must be an integer, not a string"),
     ("max_processors", True, "must be an integer, not a boolean"),
     ("max_processors", [1], "must be an integer, not an array"),
@@ -200,15 +202,40 @@ def test_wrong_entry_types_duplicates_and_incomplete_entries(tmp_path):
     ]
 
 
-def test_unknown_and_container_keys_are_ignored_with_a_note(tmp_path):
-    entry = {**GOOD_ENTRY, "frobnicate": 1, "tmp_binds": "/scratch", "machinegroup": "x"}
+def test_unknown_and_local_only_keys_are_ignored_with_a_note(tmp_path):
+    entry = {**GOOD_ENTRY, "frobnicate": 1, "machinegroup": "x"}
     config, problems = pipes.expand_pipes(make_config(tmp_path), FakeFetcher(document(entry)), now=NOW)
     assert list(config.machinetypes) == ["lhcb-prod"]
     assert config.machinetypes["lhcb-prod"].machinegroup is None
-    assert len(problems) == 3
+    assert len(problems) == 2
     assert any("'frobnicate'" in problem for problem in problems)
-    assert any("'tmp_binds': not accepted from a vacuum pipe" in problem for problem in problems)
     assert any("'machinegroup': not accepted from a vacuum pipe" in problem for problem in problems)
+
+
+CONTAINER_ENTRY = {
+    "suffix": "ct",
+    "machine_model": "podman",
+    "root_image": "docker://registry.example.org:5000/lhcb/pilot:7",
+    "user_data": "https://pipes.example.org/user_data",
+    "target_share": 1,
+    "container_command": "/user_data --queue 'long queue'",
+    "tmp_binds": "/scratch /home/pilot",
+    "cvmfs_repositories": "lhcb.cern.ch",
+}
+
+
+def test_pipes_define_container_machinetypes(tmp_path):
+    apptainer = {**CONTAINER_ENTRY, "suffix": "sg", "machine_model": "apptainer",
+                 "root_image": "/cvmfs/unpacked.cern.ch/lhcb/pilot"}
+    config, problems = pipes.expand_pipes(
+        make_config(tmp_path), FakeFetcher(document(CONTAINER_ENTRY, apptainer)), now=NOW)
+    assert list(config.machinetypes) == ["lhcb-ct"]
+    container = config.machinetypes["lhcb-ct"]
+    assert (container.machine_model, container.root_image) == ("podman", CONTAINER_ENTRY["root_image"])
+    assert container.container_command == CONTAINER_ENTRY["container_command"]
+    assert container.tmp_binds == ("/scratch", "/home/pilot")
+    assert problems == ["vacuum pipe lhcb entry 1 (sg) rejected: machine_model and root_image: "
+                        "machine_model apptainer needs [settings] singularity_user"]
 
 
 @pytest.mark.parametrize(

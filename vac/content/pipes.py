@@ -16,10 +16,14 @@ The document comes from a VO's web server and is untrusted. It is size-capped, a
 checked by the machinetype schema of configuration files in its stricter remote mode
 (vac.core.schema): by JSON type and by pattern, file names cannot contain ``/`` or start with
 ``.`` or ``-``, URLs must be http(s) with no ``..`` segment, no whitespace and no loopback or
-link-local host, images are URLs, /cvmfs/ paths or files of the machinetype directory, numbers
-have upper bounds. An entry with any bad value is rejected whole, with the reason logged; a
+link-local host, images are URLs, /cvmfs/ paths, files of the machinetype directory or (for the
+docker/podman models) ``docker://`` image references whose registry is held to the URL host
+rules, numbers have upper bounds, ``tmp_binds`` may not cover vac's own binds. The container
+models are checked as in files (a ``docker://`` image for docker/podman only, singularity and
+apptainer only where ``singularity_user`` is set); their commands and paths are argv elements,
+never shell text. An entry with any bad value is rejected whole, with the reason logged; a
 half-configured machinetype is never run. Unknown keys, and options a pipe may not set
-(``machinegroup``, ``machines_dir_days``, the container options), are logged and ignored.
+(``machinegroup``, ``machines_dir_days``), are logged and ignored.
 
 The last good document is cached atomically in ``<state_dir>/pipescache/PREFIX.pipe`` and
 refetched once it is older than its ``cache_seconds``. When a refresh fails (server down, bad
@@ -209,6 +213,10 @@ def _build_machinetype(
     for required in ("root_image", "user_data"):
         if getattr(machinetype, required) is None:
             raise _Rejected(f"no {required} given")
+    problem = schema.container_model_problem(machinetype.machine_model, machinetype.root_image,
+                                             settings.singularity_user)
+    if problem is not None:
+        raise _Rejected(f"machine_model and root_image: {problem}")
     if machinetype.min_processors > machinetype.max_processors:
         raise _Rejected(
             f"min_processors {machinetype.min_processors} > max_processors {machinetype.max_processors}"
@@ -225,7 +233,7 @@ def _pipe_machinetypes(
     except _Rejected as error:
         problems.append(f"[vacuum_pipe {pipe.prefix}]: {error}; pipe skipped")
         return []
-    accepted: list[tuple[str, _Options]] = []
+    accepted: list[tuple[int, str, _Options]] = []
     suffixes: set[str] = set()
     for index, entry in enumerate(document.entries):
         label = f"{where} entry {index}"
@@ -246,14 +254,14 @@ def _pipe_machinetypes(
             problems.append(f"{label} rejected: {error}")
             continue
         suffixes.add(suffix)
-        accepted.append((suffix, options))
+        accepted.append((index, suffix, options))
 
-    total = sum(options.fields.get("target_share", 0.0) for _, options in accepted)
+    total = sum(options.fields.get("target_share", 0.0) for _, _, options in accepted)
     if accepted and pipe.target_share > 0 and total <= 0:
         problems.append(f"{where}: no entry has a positive target_share, so none will be created")
     path = os.path.join(config.settings.state_dir, "machinetypes", pipe.prefix)
     machinetypes = []
-    for suffix, options in accepted:
+    for index, suffix, options in accepted:
         name = f"{pipe.prefix}-{suffix}"
         share = pipe.target_share * options.fields.get("target_share", 0.0) / total if total > 0 else 0.0
         local = config.machinetypes.get(name)
@@ -263,7 +271,7 @@ def _pipe_machinetypes(
                 _build_machinetype(name, path, options, section, share, config.settings, local, local_fields)
             )
         except _Rejected as error:
-            problems.append(f"{where} entry {suffix} rejected: {error}")
+            problems.append(f"{where} entry {index} ({suffix}) rejected: {error}")
     return machinetypes
 
 

@@ -70,6 +70,7 @@ from vac.core.schema import (
     Machinetype,
     Settings,
     VacuumPipe,
+    container_model_problem,
 )
 from vac.core.values import DNS_NAME, Converter, parse_port
 
@@ -369,16 +370,10 @@ def _check_container_options(builder: Builder, fields: dict, settings: Settings)
     """The container models' rules (CONTAINERS.md §1): docker:// images for docker/podman only,
     singularity/apptainer need singularity_user, container options only for containers."""
     model = fields.get("machine_model", "cernvm3")
-    image = fields.get("root_image")
-    if image is not None and image.startswith("docker://") and model not in ENGINE_MODELS:
-        builder.problem(ERROR, f"docker:// images are for machine_model docker or podman, not {model}",
-                        value=builder.at("root_image"))
-    elif image is not None and model in ENGINE_MODELS and not image.startswith("docker://"):
-        builder.problem(ERROR, f"machine_model {model} needs root_image = docker://IMAGE",
-                        value=builder.at("root_image"))
-    if model in APPTAINER_MODELS and settings.singularity_user is None:
-        builder.problem(ERROR, f"machine_model {model} needs [settings] singularity_user",
-                        value=builder.at("machine_model"))
+    problem = container_model_problem(model, fields.get("root_image"), settings.singularity_user)
+    if problem is not None:
+        builder.problem(ERROR, problem, value=builder.at(
+            "machine_model" if "singularity_user" in problem else "root_image"))
     for option in ("container_command", "tmp_binds"):
         if fields.get(option) and model not in CONTAINER_MODELS:
             builder.problem(WARNING, f"ignored: only container machine models use it, not {model}",

@@ -171,6 +171,14 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
 _CVMFS_PATH = re.compile(r"/cvmfs(?:/[A-Za-z0-9_+-][A-Za-z0-9._+-]*)+\Z")
 _URL_CHARACTERS = re.compile(r"[!-~]+\Z")  # printable ASCII, no space
 _PRINTABLE = re.compile(r"[ -~]*\Z")
+_IMAGE_REFERENCE = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?(?::[0-9]{1,5})?/)?"  # registry[:port]/
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*){0,15}"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z")
+# Container paths a vacuum pipe's tmp_binds may not cover: MJF, joboutputs, user_data, CernVM-FS
+# and the kernel's file systems.
+_RESERVED_BINDS = ("/etc/machinefeatures", "/etc/jobfeatures", "/var/spool/joboutputs",
+                   "/user_data", "/cvmfs", "/proc", "/sys", "/dev")
 _URL_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?\Z")
 _NUMERIC_HOST = re.compile(r"(?:[0-9.]+|0x[0-9a-fx.]*)\Z")  # 2130706433, 127.1, 0x7f.1: resolve to IPs
 _REMOTE_SUFFIX = re.compile(r"[a-z0-9_]{1,64}\Z")
@@ -251,16 +259,62 @@ def _remote_root_image(text: str) -> None:
         if not _CVMFS_PATH.match(text) or "/../" in text + "/" or "/./" in text + "/":
             raise ValueError(f"must be a plain /cvmfs/ path, not {show(text)}")
     elif text.startswith("docker://"):
-        raise ValueError("docker:// images are not supported from vacuum pipes")
+        _remote_image_reference(text[len("docker://"):])
     elif "/" in text:
         _remote_url(text)
     elif not _FILE_NAME.match(text):
         raise ValueError(f"must be an http(s) URL, a /cvmfs/ path or a plain file name, not {show(text)}")
 
 
+def _remote_image_reference(reference: str) -> None:
+    """A docker/podman image reference, ``[REGISTRY/]PATH[:TAG][@sha256:DIGEST]``, whose
+    registry (if named) could also be a pipe's URL host: never this host or a link-local one."""
+    if not _IMAGE_REFERENCE.match(reference):
+        raise ValueError(f"docker:// must name an image like registry.example.org/vo/pilot:1, "
+                         f"not {show(reference)}")
+    first, _, rest = reference.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        _remote_url(f"https://{first}/")
+
+
 def _remote_machine_model(text: str) -> None:
-    if text not in MACHINE_MODELS:
-        raise ValueError(f"must be one of {', '.join(MACHINE_MODELS)}, not {show(text)}")
+    if text not in MACHINE_MODELS + CONTAINER_MODELS:
+        raise ValueError(f"must be one of {', '.join(MACHINE_MODELS + CONTAINER_MODELS)}, "
+                         f"not {show(text)}")
+
+
+def _remote_container_command(text: str) -> None:
+    """Printable and bounded: it runs inside the container, as the pipe's user_data does."""
+    _longest(1024)(text)
+    if not _PRINTABLE.match(text):
+        raise ValueError("contains control or non-ASCII characters")
+
+
+def _remote_tmp_binds(text: str) -> None:
+    """At most 16 plain container paths, none where vac or the kernel binds something."""
+    _longest(4096)(text)
+    paths = text.split()
+    if len(paths) > 16:
+        raise ValueError("lists more than 16 paths")
+    for path in paths:
+        if not _PRINTABLE.match(path) or any(
+                path == reserved or path.startswith(reserved + "/") for reserved in _RESERVED_BINDS):
+            raise ValueError(f"may not bind {show(path)}")
+
+
+def container_model_problem(model: str, root_image: Optional[str],
+                            singularity_user: Optional[str]) -> Optional[str]:
+    """Why ``root_image`` cannot be run by ``model`` on this factory (CONTAINERS.md §1), or
+    None: docker:// images are for docker/podman only, which need one; singularity/apptainer
+    need ``[settings] singularity_user``."""
+    docker = root_image is not None and root_image.startswith("docker://")
+    if docker and model not in ENGINE_MODELS:
+        return f"docker:// images are for machine_model docker or podman, not {model}"
+    if root_image is not None and model in ENGINE_MODELS and not docker:
+        return f"machine_model {model} needs root_image = docker://IMAGE"
+    if model in APPTAINER_MODELS and singularity_user is None:
+        return f"machine_model {model} needs [settings] singularity_user"
+    return None
 
 
 def _remote_fqan(text: str) -> None:
@@ -463,10 +517,11 @@ class Machinetype:
     disk_gb_per_processor: Optional[float] = option(number(0.0), default=None, remote=_between(0.001, 10**5))
     cvmfs_repositories: tuple[str, ...] = option(
         words(matching(_REPOSITORY, "a CernVM-FS repository name")), default=(), remote=_remote_repositories)
-    # None: /user_data (container models only); pipes define VM machinetypes only
-    container_command: Optional[str] = option(_container_command, default=None, remote=LOCAL_ONLY)
+    # None: /user_data (container models only)
+    container_command: Optional[str] = option(_container_command, default=None,
+                                              remote=_remote_container_command)
     # container paths given fresh scratch directories
-    tmp_binds: tuple[str, ...] = option(words(_container_path), default=(), remote=LOCAL_ONLY)
+    tmp_binds: tuple[str, ...] = option(words(_container_path), default=(), remote=_remote_tmp_binds)
     machinetype_path: str = ""  # <state_dir>/machinetypes/<name or pipe prefix>
 
     @property
