@@ -56,11 +56,12 @@ def _rootfs_tar(busybox: bytes, applets: list) -> bytes:
     return buffer.getvalue()
 
 
-def busybox_image(engine: str = "podman") -> str:
-    """The image name (without docker://), imported on first use."""
+def busybox_image(engine: str = "podman", repository: str = IMAGE_REPOSITORY) -> str:
+    """The image name (without docker://), imported on first use; scripts/quickstart uses it
+    for its demo container machinetype under a repository name of its own."""
     with open(BUSYBOX, "rb") as handle:
         busybox = handle.read()
-    image = f"{IMAGE_REPOSITORY}:{hashlib.sha256(busybox).hexdigest()[:12]}"
+    image = f"{repository}:{hashlib.sha256(busybox).hexdigest()[:12]}"
     exists = subprocess.run([engine, "image", "inspect", image], capture_output=True, timeout=60,
                             check=False)
     if exists.returncode == 0:
