@@ -765,5 +765,6 @@ def test_rpm_upgrade_restarts_vacd_and_erase_stops_it_without_touching_the_machi
         # ... and the machines, libvirtd's, keep running.
         assert libvirt_domains(container) == machines
     finally:
-        container.run("rpm", "--install", "--nodeps", *packages)
+        # --replacepkgs: vac-vcycle was not erased and is simply installed again.
+        container.run("rpm", "--upgrade", "--replacepkgs", "--nodeps", *packages)
         container.systemctl("start", "vac-apel-sync.timer", "vac-ssmsend.timer")
