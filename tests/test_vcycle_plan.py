@@ -10,6 +10,7 @@ from typing import Optional
 from vac.core import vcycleplan as vp
 from vac.core.cloud import CloudState
 from vac.core.config import Machinetype
+from vac.core.lifecycle import DestroyZombie, MarkGone
 from vac.core.model import Finish, Machine, MachineState
 from vac.core.scheduler import LowerDeadline, in_backoff
 from vac.core.vcycleconfig import CloudMachinetype, Space
@@ -222,51 +223,41 @@ def test_first_sight_running_marks_started_with_the_flavors_processors() -> None
     space = make_space(processors_limit=0)
     machine = record("s", state=MachineState.CREATING, started=None, created=NOW - 60)
     result = plan(snapshot(space, [machine], [listed(machine, processors=2, started=NOW - 30)]))
-    [started] = of(result, vp.Started)
-    assert (started.machine.uuid, started.machine.state, started.machine.started, started.machine.processors) == \
-        (machine.uuid, MachineState.RUNNING, NOW - 30, 2)
+    assert of(result, vp.Started) == [vp.Started(machine.uuid, NOW - 30, 2)]
+    # vac's executor records a machine it created as running: the cloud's starting state
+    # is what the start timeout and max_starting_processors read
+    created = record("c", created=NOW - 3700, started=NOW - 3700)
+    result = plan(snapshot(space, [created], [listed(created, CloudState.STARTING)]))
+    assert of(result, vp.Started) == [] and [d.message for d in of(result, vp.Delete)] == [vp.FAILED_TO_START]
 
 
-def test_stopped_machine_is_finished_and_deleted_once() -> None:
+def test_stopped_machine_is_finished_once_and_removed_at_most_hourly() -> None:
     space = make_space(processors_limit=0)
     machine = record("f")
     result = plan(snapshot(space, [machine], [listed(machine, CloudState.SHUT_DOWN, updated=NOW - 10)]))
-    assert of(result, vp.Finished) == [vp.Finished(machine.uuid, machine.name, NOW - 10, True, result.actions[0].reason)]
+    assert of(result, MarkGone) == [MarkGone(machine.uuid, NOW - 10, result.actions[0].reason)]
+    finishing = machine.transition(MachineState.FINISHING, finished=NOW - 10)
+    assert plan(snapshot(space, [finishing], [listed(machine, CloudState.SHUT_DOWN)])).actions == ()
     finished = dataclasses.replace(machine, state=MachineState.FINISHED, finished=NOW - 10, stop_requested=NOW)
     again = plan(snapshot(space, [finished], [listed(finished, CloudState.SHUT_DOWN)]))
-    assert of(again, vp.Finished) == [] and of(again, vp.Delete) == []  # asked within the hour
+    assert of(again, MarkGone) == [] and of(again, DestroyZombie) == []  # asked within the hour
     deleting = plan(snapshot(space, [machine], [listed(machine, CloudState.DELETING)], last_seen={machine.uuid: NOW - 50}))
-    assert [(f.end, f.delete) for f in of(deleting, vp.Finished)] == [(NOW - 50, False)]
+    assert [f.end for f in of(deleting, MarkGone)] == [NOW - 50]
 
 
 def test_gone_machine_is_finished_at_its_last_sighting() -> None:
     space = make_space(processors_limit=0)
     machine = record("g")
     result = plan(snapshot(space, [machine], [], last_seen={machine.uuid: NOW - 40}))
-    assert [(f.uuid, f.end, f.delete) for f in of(result, vp.Finished)] == [(machine.uuid, NOW - 40, False)]
-    just_created = record("n", state=MachineState.CREATING, started=None, created=NOW - 10)
-    assert of(plan(snapshot(space, [just_created], [])), vp.Finished) == []
+    assert [(f.uuid, f.end) for f in of(result, MarkGone)] == [(machine.uuid, NOW - 40)]
+    # EC2 lists a new instance a little later: not gone within the listing grace
+    just_created = record("n", created=NOW - 10, started=NOW - 5)
+    assert of(plan(snapshot(space, [just_created], [])), MarkGone) == []
 
 
-def test_finish_outcome_messages_aborts_and_accounting() -> None:
-    machinetype = cloud_type().machinetype  # fizzle 300 s
-    ran_long = record("a", started=NOW - 1000)
-    outcome = vp.finish_outcome(ran_long, machinetype, "200 Success\nmore", NOW)
-    assert (outcome.machine.shutdown_message, outcome.abort, outcome.account) == ("200 Success", False, True)
-    assert outcome.machine.state == MachineState.FINISHED and outcome.machine.finished == NOW
-    outcome = vp.finish_outcome(ran_long, machinetype, "300 Nothing to do", NOW)
-    assert (outcome.abort, outcome.account) == (True, True)
-    ours = ran_long.replace(shutdown_message=vp.EXCEEDED_WALLCLOCK)
-    outcome = vp.finish_outcome(ours, machinetype, None, NOW)
-    assert (outcome.machine.shutdown_message, outcome.abort) == (vp.EXCEEDED_WALLCLOCK, False)  # 700: no backoff
-    assert vp.finish_outcome(ours, machinetype, "200 done", NOW).machine.shutdown_message == "200 done"
-    short = record("s", started=NOW - 100)
-    outcome = vp.finish_outcome(short, machinetype, "garbage", NOW)
-    assert outcome.machine.shutdown_message.startswith("300 ") and outcome.abort and not outcome.account
-    never = record("n", state=MachineState.CREATING, started=None, created=NOW - 50)
-    assert not vp.finish_outcome(never, machinetype, None, NOW).account
-    # an end before the start (clock skew between cloud and host) is clamped, not negative
-    assert vp.finish_outcome(ran_long, machinetype, None, NOW - 5000).machine.finished == ran_long.started
+def test_aborts_are_300_to_699_and_never_700() -> None:
+    assert [vp.is_abort(m) for m in ("200 Success", "300 Nothing to do", "699 x", vp.EXCEEDED_WALLCLOCK, None)] \
+        == [False, True, True, False, False]
 
 
 # --- take-over ---------------------------------------------------------------------------------------
@@ -290,4 +281,4 @@ def test_finished_record_still_listed_is_deleted_not_adopted() -> None:
     space = make_space(processors_limit=0)
     finished = record("f", state=MachineState.FINISHED, finished=NOW - 100)
     result = plan(snapshot(space, [finished], [listed(finished, CloudState.SHUT_DOWN)]))
-    assert [d.uuid for d in of(result, vp.Delete)] == [finished.uuid] and of(result, vp.Adopt) == []
+    assert of(result, DestroyZombie) == [DestroyZombie(space.name, finished.uuid, finished.name, True)] and of(result, vp.Adopt) == []

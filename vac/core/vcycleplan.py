@@ -1,7 +1,9 @@
 """vcycle's pure planner: one space's cloud listing, records and quota to a list of actions.
 
 Nothing here touches a cloud, a file or a clock: ``SpaceSnapshot.now`` is the time and vcycled
-executes the ``Plan``. Shares, backoff (with its fizzle extension) and the finish decisions are
+has vac's executor (vac.daemon.executor) apply the ``Plan``: creations and deadline changes are
+vac's planner's actions, a machine that ended is finished by the executor with vac's finish steps
+(vac.core.lifecycle.finish_steps), and its cloud backend deletes it as it releases it. Shares, backoff (with its fizzle extension) and the finish decisions are
 vac's planner's (vac.core.scheduler), fed with this space's machines as one factory's reports;
 what differs on a cloud is here (VCYCLE.md §4):
 
@@ -18,7 +20,9 @@ what differs on a cloud is here (VCYCLE.md §4):
   space's ``shutdown_time``.
 * A machine seen ended (Shut down, Failed, Deleting) or gone from the listing is finished once:
   its message is the machine's own, else ours (a ``700``), else the fizzle rule; ``300``-``699``
-  is an abort (backoff); ``700`` never is (classic Vcycle).
+  is an abort (backoff); ``700`` never is (classic Vcycle, ``is_abort``). A preemptible
+  machinetype's machine that the cloud reclaimed (shut down by the cloud, not by itself, within
+  its ``grace_seconds`` of the cloud's notice) is no abort either: it gets ``PREEMPTED``.
 * Take-over: a machine listed with a configured machinetype and no record (its vcycled died
   with its state, or another host created it) is adopted, then supervised like the others.
 """
@@ -33,8 +37,9 @@ from typing import Optional, Union
 from vac.core import scheduler
 from vac.core.cloud import CloudState, creation_budget
 from vac.core.config import Config, Machinetype, Settings
+from vac.core.lifecycle import DestroyZombie, MarkGone
 from vac.core.model import Finish, Machine, MachineState, shutdown_code
-from vac.core.scheduler import LowerDeadline
+from vac.core.scheduler import Create, LowerDeadline
 from vac.core.vcycleconfig import CloudMachinetype, Space
 
 START_TIMEOUT_SECONDS = 3600  # classic: a machine not running an hour after creation failed
@@ -80,15 +85,6 @@ class SpaceSnapshot:
 
 
 @dataclasses.dataclass(frozen=True)
-class Create:
-    machinetype: str
-    processors: int
-    deadline: float
-    hs06: Optional[float]
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
 class Delete:
     uuid: str
     name: str
@@ -98,21 +94,12 @@ class Delete:
 
 @dataclasses.dataclass(frozen=True)
 class Started:
-    """First sight of the machine running: its record from now on (with the flavor's
-    processors when the cloud says)."""
-
-    machine: Machine
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """The machine ended: finish and account it; ``delete`` it from the cloud if still there."""
+    """First sight running of a machine recorded as creating (vcycled restarted while it was
+    being created): RUNNING from ``started``, with the flavor's processors when the cloud says."""
 
     uuid: str
-    name: str
-    end: float
-    delete: bool
-    reason: str
+    started: float
+    processors: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +110,11 @@ class Adopt:
     reason: str
 
 
-Action = Union[Create, Delete, Started, Finished, Adopt, LowerDeadline]
+# The life cycle's actions: ``MarkGone`` for a machine that ended (the cloud shows it stopped,
+# or it is gone), which the executor then finishes and accounts, its backend deleting it from
+# the cloud as it releases it; ``DestroyZombie`` for a finished machine the cloud still lists
+# (deleted again at most hourly), its backend key being the space's name.
+Action = Union[Create, Delete, Started, MarkGone, DestroyZombie, Adopt, LowerDeadline]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,39 +124,10 @@ class Plan:
     standings: Mapping[str, scheduler.Standing]  # machinetype -> its position (status)
 
 
-def _in_state(machine: Machine, state: MachineState, **changes: object) -> Machine:
-    """``machine`` in ``state``. vcycle's records only go CREATING -> RUNNING -> FINISHED (a cloud
-    machine is stopped by deleting it), each change decided here from the cloud's listing."""
-    return dataclasses.replace(machine, state=state, **changes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finishing (used by the executor with the machine's own message, read from joboutputs)
-
-
-@dataclasses.dataclass(frozen=True)
-class FinishOutcome:
-    machine: Machine  # the FINISHED record
-    abort: bool  # raises the machinetype's backoff
-    account: bool  # an APEL record is due
-
-
 def is_abort(message: Optional[str]) -> bool:
     """Classic Vcycle: codes 300 to 699 are aborts; 700 (deleted by vcycle) is not."""
     code = shutdown_code(message)
     return code is not None and 300 <= code <= 699
-
-
-def finish_outcome(machine: Machine, machinetype: Optional[Machinetype], vm_message: Optional[str],
-                   end: float) -> FinishOutcome:
-    """The finished record of ``machine`` ended at ``end``: the machine's own coded message
-    wins over ours (a 700 recorded at deletion), and either over the fizzle rule."""
-    end = max(end, machine.started or machine.created)
-    finished = _in_state(machine, MachineState.FINISHED, finished=end)
-    own = vm_message if shutdown_code((vm_message or "").strip()) is not None else None
-    message = scheduler.finish_message(finished, machinetype, own or machine.shutdown_message, end)
-    finished = finished.replace(shutdown_message=message, shutdown_message_time=end if message else None)
-    return FinishOutcome(finished, is_abort(message), scheduler.should_account(finished, machinetype, end))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +139,8 @@ def _cloud_type(space: Space, name: str) -> Optional[CloudMachinetype]:
 
 
 def _deletion(record: Machine, snap: SpaceSnapshot, started: Optional[float]) -> Optional[tuple[str, str]]:
-    """(message, reason) if the active machine is to be deleted now."""
+    """(message, reason) if the active machine is to be deleted now; ``started`` is None while
+    the cloud lists it as starting."""
     cloud_type = _cloud_type(snap.space, record.machinetype)
     now = snap.now
     label = f"{record.name} ({record.machinetype})"
@@ -219,27 +182,29 @@ def _supervise(snap: SpaceSnapshot, actions: list, notes: list) -> dict[str, Mac
         seen = listed.get(uuid)
         if record.state == MachineState.FINISHED:
             if seen is not None and seen.state != CloudState.DELETING and _may_delete(record, now):
-                actions.append(Delete(uuid, record.name, None, f"{record.name} finished but still in the cloud"))
+                actions.append(DestroyZombie(snap.space.name, uuid, record.name, True))
             continue
+        if record.state == MachineState.FINISHING:
+            continue  # being finished: its backend deletes it
         if seen is None:
-            if record.state == MachineState.CREATING and now - record.created < LISTING_GRACE_SECONDS:
+            if now - record.created < LISTING_GRACE_SECONDS:
                 active[uuid] = record
                 continue
             end = snap.last_seen.get(uuid, record.started or record.created)
-            actions.append(Finished(uuid, record.name, end, False, f"{record.name} is gone from the cloud"))
+            actions.append(MarkGone(uuid, end, f"{record.name} is gone from the cloud"))
             continue
         if not seen.state.active:
             end = seen.updated if seen.updated is not None else snap.last_seen.get(uuid, now)
-            actions.append(Finished(uuid, record.name, min(end, now), seen.state != CloudState.DELETING,
-                                    f"{record.name} is {seen.state.value}"))
+            actions.append(MarkGone(uuid, min(end, now), f"{record.name} is {seen.state.value}"))
             continue
-        started = record.started
-        if started is None and seen.state == CloudState.RUNNING:
-            started = seen.started if seen.started is not None and seen.started <= now else now
-            record = _in_state(record, MachineState.RUNNING, started=started,
-                               processors=seen.processors or record.processors)
-            actions.append(Started(record))
         active[uuid] = record
+        if record.state == MachineState.STOPPING:
+            continue  # being deleted
+        if record.state == MachineState.CREATING and seen.state == CloudState.RUNNING:
+            started = seen.started if seen.started is not None and seen.started <= now else now
+            actions.append(Started(uuid, started, seen.processors or record.processors))
+            continue
+        started = record.started if seen.state == CloudState.RUNNING else None
         if not _may_delete(record, now):
             continue
         deletion = _deletion(record, snap, started)
@@ -311,10 +276,10 @@ class _Usage:
     processors: int = 0
     starting_processors: int = 0
 
-    def add(self, machine: Machine) -> None:
+    def add(self, machine: Machine, starting: bool) -> None:
         self.machines += 1
         self.processors += machine.processors
-        if machine.started is None:
+        if starting:
             self.starting_processors += machine.processors
 
 
@@ -359,9 +324,11 @@ def _plan_creates(snap: SpaceSnapshot, active: dict[str, Machine], rng: random.R
     budget = creation_budget(limit) if limit else DEFAULT_BUDGET_PROCESSORS
     count_cap = space.max_creations
     usage = {name: _Usage() for name in space.machinetypes}
+    # Starting: what the cloud lists as starting, and what it does not list yet.
+    running = {seen.uuid for seen in snap.listed if seen.state != CloudState.STARTING}
     for machine in machines:
         if machine.machinetype in usage:
-            usage[machine.machinetype].add(machine)
+            usage[machine.machinetype].add(machine, machine.uuid not in running)
     tie_breaks = {name: rng.random() for name in space.machinetypes}
     creates: list[Create] = []
     blocked: dict[str, str] = {}
@@ -393,14 +360,14 @@ def _plan_creates(snap: SpaceSnapshot, active: dict[str, Machine], rng: random.R
         processors = machinetype.min_processors
         hs06 = _hs06(cloud_type, processors)
         deadline = _deadline(space, machinetype, now)
-        creates.append(Create(name, processors, deadline, hs06,
+        creates.append(Create(name, 0, processors, deadline,
                               f"{name} with {processors} processors: lowest usage "
                               f"({score:.2f} HS06 per unit of share)"))
         planned = Machine(uuid=f"planned-{len(creates)}", name="", slot=0, machinetype=name,
                           machine_model=MACHINE_MODEL, processors=processors, created=now,
                           deadline=deadline, hs06=hs06)
         machines.append(planned)
-        usage[name].add(planned)
+        usage[name].add(planned, True)
         used += processors
         budget -= processors
         standings = current_standings()

@@ -16,9 +16,13 @@ through three seams: the machine backends (vac.backends.base.MachineBackend, by 
 and asyncio loop; ``vac simulate`` gives it simulated backends, in-memory records and a
 virtual clock, so both run this very code.
 
-The capacity rule is not here: whoever plans (slots on a node for vacd, a quota in a tenancy
-for a future vcycled) hands ``apply`` its actions; only ``naming`` (slot names by default)
-says how a created machine is called.
+Whoever plans (slots on a node for vacd, a quota in a tenancy for vcycled) hands ``apply`` its
+actions; three rules given at construction differ between the two: ``capacity`` refuses a
+creation the planner should not have made (an occupied slot for vacd, a quota exceeded for
+vcycled), ``naming`` says how a created machine is called, and ``lifecycle_rule`` decides from
+the backends' listings (vac.core.lifecycle.reconcile for vacd; None for vcycled, whose quota
+planner reads the listing ``reconcile`` returns and decides the cloud's life cycle itself).
+``settings_for`` gives a machinetype's settings (vcycle's HS06 and memory are per machinetype).
 """
 
 from __future__ import annotations
@@ -128,6 +132,17 @@ def slot_naming(settings: Settings, action: scheduler.Create) -> str:
     return slot_name(settings.factory_name, action.slot)
 
 
+def slot_capacity(executor: Executor, action: scheduler.Create) -> Optional[str]:
+    """vacd's capacity rule: one live machine per slot."""
+    if executor.machine_in_slot(action.slot) is not None:
+        return f"the planner chose occupied slot {action.slot}"
+    return None
+
+
+CapacityRule = Callable[["Executor", scheduler.Create], Optional[str]]
+LifecycleRule = Callable[..., list]  # the signature of vac.core.lifecycle.reconcile
+
+
 def read_cpu(groups: list[tuple[MachineBackend, list[str]]]) -> dict[str, float]:
     """uuid -> CPU seconds of these machines (one job of the thread pool). Machines whose time
     cannot be read are left out: events and the reconcile handle their end."""
@@ -152,6 +167,9 @@ class Executor:
     def __init__(self, config: Config, backends: BackendSet, records: Records,
                  runtime: Runtime, hooks: Optional[Hooks] = None, *,
                  naming: Callable[[Settings, scheduler.Create], str] = slot_naming,
+                 capacity: CapacityRule = slot_capacity,
+                 lifecycle_rule: Optional[LifecycleRule] = lifecycle.reconcile,
+                 settings_for: Optional[Callable[[str], Settings]] = None,
                  new_uuid: Callable[[], str] = lambda: str(uuidlib.uuid4())):
         self.config = config
         self.backends = backends
@@ -159,6 +177,9 @@ class Executor:
         self.runtime = runtime
         self.hooks = hooks or Hooks()
         self.naming = naming
+        self.capacity = capacity
+        self.lifecycle_rule = lifecycle_rule
+        self._settings_for = settings_for
         self.new_uuid = new_uuid
         self.machines: dict[str, Machine] = {}
         self.finishes: dict[str, Finish] = {}
@@ -166,6 +187,7 @@ class Executor:
         self.busy: set[str] = set()  # uuids with a create/stop/finish step in flight
         self.retry_at: dict[str, float] = {}  # failed finishes: when to try again
         self._ended: dict[str, Event] = {}  # machines being stopped: set when they end
+        self.unanswered: set[str] = set()  # backend keys whose listing failed in the last reconcile
         # Records of one machine are written from the loop and (CPU samples) the thread pool:
         # one at a time, and a sample only while it is still the machine's current record.
         self._save_lock = threading.Lock()
@@ -180,6 +202,14 @@ class Executor:
             if machine.slot == slot:
                 return machine
         return None
+
+    def settings_for(self, machinetype: str) -> Settings:
+        return self._settings_for(machinetype) if self._settings_for else self.config.settings
+
+    def add(self, machine: Machine) -> Machine:
+        """Take a machine over that this executor did not create (vcycled: one listed in its
+        cloud with no record here), in the state it is found in."""
+        return self._put(None, machine)
 
     def _put(self, before: Optional[Machine], after: Machine) -> Machine:
         self.machines[after.uuid] = after
@@ -268,10 +298,11 @@ class Executor:
                 self.spawn(self.runtime.call(self.records.lower_deadline, machine), None)
 
     def start_creation(self, action: scheduler.Create, now: float) -> None:
-        settings = self.config.settings
         machinetype = self.config.machinetypes[action.machinetype]
-        if self.machine_in_slot(action.slot) is not None:
-            log.error("planner chose occupied slot %d: ignored", action.slot)
+        settings = self.settings_for(machinetype.name)
+        refused = self.capacity(self, action)
+        if refused is not None:
+            log.error("creation of a %s machine refused: %s", machinetype.name, refused)
             return
         machine = Machine(
             uuid=self.new_uuid(), name=self.naming(settings, action), slot=action.slot,
@@ -292,7 +323,7 @@ class Executor:
 
     async def create(self, machine: Machine, machinetype: Machinetype) -> None:
         """Prepare the machine's directory (the same for every backend), then start it."""
-        settings = self.config.settings
+        settings = self.settings_for(machinetype.name)
         backend = self.backends.for_model(machinetype.machine_model)
         try:
             if backend is None:
@@ -374,15 +405,18 @@ class Executor:
         """Compare the model with every connected backend's listing and apply the result.
         Returns the listing (by backend key), for a planner that needs it (a quota planner
         reads the cloud's states and processors from it)."""
-        listed, answered = [], set()
+        listed, answered, self.unanswered = [], set(), set()
         for key, backend in self.backends.listable().items():
             try:
                 machines = await self.runtime.call(backend.list_machines)
             except Exception as error:  # the engine is down: keep its machines as they are
                 log.error("cannot list the %s machines: %s", key, error)
+                self.unanswered.add(key)
                 continue
             answered.add(key)
             listed += [(key, machine) for machine in machines]
+        if self.lifecycle_rule is None:
+            return listed
         live = [machine for machine in self.live()
                 if self.backends.key_of_model(machine.machine_model) in answered]
         watched = [m for m in live if m.state in lifecycle.RUNNING_STATES and m.uuid not in self.busy]
@@ -391,7 +425,7 @@ class Executor:
         known = set(self.machines) | {m.uuid for m in self.last_in_slot.values()}
         readings = {}
         now = self.runtime.now()
-        for action in lifecycle.reconcile(live, self.busy, listed, known, activity, now):
+        for action in self.lifecycle_rule(live, self.busy, listed, known, activity, now):
             if isinstance(action, lifecycle.RecordCpu):
                 readings[action.uuid] = action.seconds
             else:
@@ -441,9 +475,11 @@ class Executor:
     async def finish(self, machine: Machine) -> None:
         """Final CPU reading, shutdown message, APEL record, finish record, release, slot."""
         backend = self.backends.for_model(machine.machine_model)
-        if machine.started is not None and not machine.accounted and backend is not None:
+        # Clouds report no CPU time (their records account wall time).
+        if machine.started is not None and not machine.accounted and backend is not None \
+                and backend.kind != "cloud":
             machine = await self.read_final_cpu(machine, backend)
-        settings = self.config.settings
+        settings = self.settings_for(machine.machinetype)
         machinetype = self.config.machinetypes.get(machine.machinetype)
         end = machine.finished or self.runtime.now()
         steps = lifecycle.finish_steps(machine, machinetype,

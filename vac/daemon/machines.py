@@ -71,9 +71,15 @@ class MachineWorks:
 
             proxy = x509.machinetype_proxy(machinetype, machine.deadline, now)
         text = userdata.build_user_data(template, settings=settings, machinetype=machinetype,
-                                        machine=machine, template_url=url, proxy_pem=proxy)
+                                        machine=machine, template_url=url, proxy_pem=proxy,
+                                        overrides=self.user_data_overrides(machine, directory))
         self.store.write_file(machine, "user_data", text, mode=0o600)
         return directory
+
+    def user_data_overrides(self, machine: Machine, directory: Path) -> dict[str, str]:
+        """Substitutions that replace the defaults in ``user_data`` (vcycled: the MJF URLs of
+        its HTTPS service); vacd's machines read MJF from the metadata service: none."""
+        return {}
 
     def _copy_public_key(self, machine: Machine, settings: Settings) -> None:
         try:

@@ -1,20 +1,19 @@
 """vcycled: the vacuum model on cloud tenancies (issue 16, VCYCLE.md §4).
 
 One asyncio process: the HTTPS MJF service (vac.services.cloudmjf) on the loop, and every
-``cycle_seconds`` one cycle per space in the thread pool (cloud calls block), spaces side by
-side so that a cloud that fails or hangs delays no other. A space's cycle: list its machines
-and quota through its backend (vac.backends.cloud), plan purely (vac.core.vcycleplan), execute.
-A listing that fails (the cloud down, throttling past the client's retries, an answer that is
-not what the API says) skips that space with one log line and backs it off (doubling up to
+``cycle_seconds`` one cycle per space, spaces side by side so that a cloud that fails or hangs
+delays no other. A space's cycle: list its machines (``Executor.reconcile``) and quota through its
+backend (vac.backends.cloud), plan purely (vac.core.vcycleplan), and have vac's executor
+(vac.daemon.executor) apply the plan: the very code that runs vacd's machines, with a quota as
+its capacity rule, cloud names, and this space's cloud backend as its only backend. A listing
+that fails (the cloud down, throttling past the client's retries, an answer that is not what the
+API says) skips that space with one log line and backs it off (doubling up to
 ``MAX_SPACE_BACKOFF_SECONDS``); nothing is decided on a partial view.
 
 State: ``<state_dir>/spaces/<space>/`` is a vac.records.store.Store (machine directories with
-``machine.json``, MJF files, joboutputs, the machine's ``mjf_token``, APEL queues, finishes).
-Records are read once at start and kept in memory; a vcycled killed at any moment finds its
-machines again from them (and adopts listed machines it has no record of).
-
-The executor here is deliberately thin (one method per planned action). vac.daemon's reusable
-executor, once it takes actions of a quota planner, is meant to replace ``SpaceWorker.execute``.
+``machine.json``, MJF files, joboutputs, the machine's ``mjf_token``, APEL queues, finishes)
+written through vac.daemon.machines.MachineWorks. A vcycled killed at any moment finds its
+machines again from their records (and takes over listed machines it has no record of).
 """
 
 from __future__ import annotations
@@ -31,16 +30,14 @@ import signal
 import socket
 import sys
 import time
-import uuid as uuidlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from vac import __version__
-from vac.backends.base import BackendError
-from vac.core import cloud, vcycleplan
-from vac.core.config import ConfigPaths, Machinetype, Settings
+from vac.backends.base import MachineBackend
+from vac.core import cloud, lifecycle, scheduler, vcycleplan
+from vac.core.config import Config, ConfigPaths, Machinetype, Settings
 from vac.core.model import Finish, Machine, MachineState
-from vac.core.scheduler import LowerDeadline
 from vac.core.vcycleconfig import (
     API_EC2,
     DEFAULT_CONF_DIR,
@@ -51,9 +48,12 @@ from vac.core.vcycleconfig import (
     load_vcycle_config,
     space_settings,
 )
+from vac.daemon.executor import Executor, Hooks
+from vac.daemon.machines import MachineWorks
+from vac.daemon.runtime import LoopRuntime
 from vac.records import apel
 from vac.records.store import Store, atomic_write
-from vac.services import cloudmjf, metadata
+from vac.services import cloudmjf
 
 log = logging.getLogger("vcycled")
 
@@ -64,12 +64,12 @@ DEFAULT_CYCLE_SECONDS = 60.0
 DEFAULT_CERT = "/etc/grid-security/hostcert.pem"
 DEFAULT_KEY = "/etc/grid-security/hostkey.pem"
 DEFAULT_LOG = "/var/log/vcycle/vcycled"
+STATUS_FILE = "status.json"
 
-Backend = Any  # vac.backends.cloud.openstack.OpenStackBackend or .ec2.EC2Backend
-BackendFactory = Callable[[Space], Backend]
+BackendFactory = Callable[[Space], MachineBackend]
 
 
-def cloud_backend(space: Space) -> Backend:
+def cloud_backend(space: Space) -> MachineBackend:
     """The space's backend; the client libraries are imported only for the clouds in use."""
     if space.api == API_EC2:
         from vac.backends.cloud.ec2 import EC2Backend
@@ -87,57 +87,133 @@ def listed_of(machine: Any) -> vcycleplan.Listed:
                              created=machine.created, started=machine.started, updated=machine.updated)
 
 
-class SpaceWorker:
-    """One space: its backend, records, and the execution of its plans."""
+class SpaceBackends:
+    """The executor's BackendSet for one space: its cloud backend, once connected."""
 
-    def __init__(self, space: Space, factory: str, state_root: Path, https: tuple[str, int],
-                 backend_factory: BackendFactory, started: float, rng: random.Random):
-        self.space = space
-        self.factory = factory
-        self.https_host, self.https_port = https
-        self.backend = backend_factory(space)
+    def __init__(self, key: str, backend: MachineBackend):
+        self.key = key
+        self.backend = backend
         self.connected = False
-        self.store = Store(state_root / "spaces" / space.name)
-        self.store.prepare()
-        self.settings = dataclasses.replace(space_settings(space, factory), state_dir=str(self.store.root))
-        self.started = started
-        self.rng = rng
-        self.records: dict[str, Machine] = {}
+
+    def for_model(self, model: str) -> Optional[MachineBackend]:
+        return self.backend if self.connected and model == vcycleplan.MACHINE_MODEL else None
+
+    def listable(self) -> dict[str, MachineBackend]:
+        return {self.key: self.backend} if self.connected else {}
+
+    def key_of_model(self, model: str) -> Optional[str]:
+        return self.key if model == vcycleplan.MACHINE_MODEL else None
+
+
+class CloudWorks(MachineWorks):
+    """MachineWorks for cloud machines: a per-machine MJF token and the HTTPS MJF URLs in
+    user_data, APEL records with Vcycle's infrastructure values and wall time as CPU time,
+    and only aborts (300-699) kept as finishes."""
+
+    def __init__(self, store: Store, settings: Settings, https: tuple[str, int], space: str):
+        super().__init__(store, settings)
+        self.https_host, self.https_port = https
+        self.space = space
         self.tokens: dict[str, str] = {}  # machine name -> MJF token
         self.dirs: dict[str, Path] = {}  # machine name -> directory
-        self.last_seen: dict[str, float] = {}
-        self.backoff_until = 0.0
-        self.backoff = MIN_SPACE_BACKOFF_SECONDS
-        self.last_plan: Optional[vcycleplan.Plan] = None
-        self._load()
 
-    # --- records ------------------------------------------------------------------------
+    def prepare(self, machine: Machine, machinetype: Machinetype, settings: Settings) -> Path:
+        self.tokens[machine.name] = secrets.token_urlsafe(24)
+        try:
+            directory = super().prepare(machine, machinetype, settings)
+            atomic_write(directory / TOKEN_FILE, self.tokens[machine.name], 0o600)
+        except BaseException:
+            self.tokens.pop(machine.name, None)
+            raise
+        self.dirs[machine.name] = directory
+        return directory
 
-    def _load(self) -> None:
-        for directory in self.store.machine_dirs():
-            machine = self.store.load_record(directory)
-            if machine is None:
-                continue
-            self.records[machine.uuid] = machine
-            if machine.state != MachineState.FINISHED:
-                self._index(machine, directory)
-        live = sum(1 for m in self.records.values() if m.state != MachineState.FINISHED)
-        log.info("space %s: %d machine records, %d not finished", self.space.name, len(self.records), live)
+    def user_data_overrides(self, machine: Machine, directory: Path) -> dict[str, str]:
+        base = cloudmjf.machine_url(self.https_host, self.https_port, self.space, machine.name,
+                                    self.tokens[machine.name])
+        manager = f"Vcycle {__version__}"
+        return {"user_data_machinefeatures_url": f"{base}/machinefeatures",
+                "user_data_jobfeatures_url": f"{base}/jobfeatures",
+                "user_data_joboutputs_url": f"{base}/joboutputs",
+                "user_data_manager_version": manager, "user_data_vmlm_version": manager}
 
-    def _index(self, machine: Machine, directory: Path) -> None:
+    def index(self, machine: Machine) -> None:
+        """Serve the MJF of a machine found again (a restart, a take-over)."""
+        directory = self.store.machine_dir(machine)
         try:
             self.tokens[machine.name] = (directory / TOKEN_FILE).read_text(encoding="ascii").strip()
-            self.dirs[machine.name] = directory
         except OSError:
-            log.warning("space %s: %s has no MJF token: its MJF URLs cannot be served", self.space.name, machine.name)
+            log.warning("space %s: %s has no MJF token: its MJF URLs cannot be served", self.space, machine.name)
+            return
+        self.dirs[machine.name] = directory
 
-    def _save(self, machine: Machine) -> None:
-        self.records[machine.uuid] = machine
-        self.store.save(machine)
+    def forget(self, machine: Machine) -> None:
+        self.tokens.pop(machine.name, None)
+        self.dirs.pop(machine.name, None)
 
     def mjf_files(self, name: str) -> Optional[cloudmjf.CloudMachineFiles]:
         token, directory = self.tokens.get(name), self.dirs.get(name)
         return cloudmjf.CloudMachineFiles(directory, token) if token and directory else None
+
+    def account(self, settings: Settings, machinetype: Machinetype, machine: Machine, end: float) -> None:
+        # Clouds report no CPU time: CpuDuration is the wall time (classic Vcycle).
+        wall = max(0.0, end - (machine.started or machine.created))
+        result = apel.write_accounting(settings, machinetype, machine, end, wall, apel.VCYCLE)
+        log.info("space %s: %s", self.space, result)
+
+    def save_finish(self, finish: Finish) -> None:
+        if vcycleplan.is_abort(finish.shutdown_message):
+            super().save_finish(finish)
+
+
+class _SpaceHooks(Hooks):
+    def __init__(self, worker: SpaceWorker):
+        self.worker = worker
+
+    def finished(self, machine: Machine) -> None:
+        self.worker.on_finished(machine)
+
+
+class SpaceWorker:
+    """One space: its backend, records and executor."""
+
+    def __init__(self, space: Space, factory: str, state_root: Path, https: tuple[str, int],
+                 backend_factory: BackendFactory, started: float, rng: random.Random,
+                 runtime: LoopRuntime):
+        self.space = space
+        self.factory = factory
+        self.started = started
+        self.rng = rng
+        self.runtime = runtime
+        self.backends = SpaceBackends(space.name, backend_factory(space))
+        store = Store(state_root / "spaces" / space.name)
+        store.prepare()
+        self.settings = dataclasses.replace(space_settings(space, factory), state_dir=str(store.root))
+        self.works = CloudWorks(store, self.settings, https, space.name)
+        # Every machinetype of a space runs on its cloud backend, whatever machine_model says
+        # (classic files and vacuum pipes say cernvm3 or vm-raw: what the image is).
+        config = Config(settings=self.settings, machinetypes={
+            name: dataclasses.replace(ct.machinetype, machine_model=vcycleplan.MACHINE_MODEL)
+            for name, ct in space.machinetypes.items()})
+        self.executor = Executor(config, self.backends, self.works, runtime, _SpaceHooks(self),
+                                 naming=lambda _settings, action: cloud.machine_name(action.machinetype, rng),
+                                 capacity=self.capacity, lifecycle_rule=None, settings_for=self.settings_for)
+        self.finished: dict[str, Machine] = {}  # finished machines the cloud may still list
+        self.aborts: dict[str, Finish] = store.load_finishes()
+        self.last_seen: dict[str, float] = {}
+        self.limit: Optional[int] = space.processors_limit
+        self.backoff_until = 0.0
+        self.backoff = MIN_SPACE_BACKOFF_SECONDS
+        self.last_plan: Optional[vcycleplan.Plan] = None
+        self.last_error: Optional[str] = None
+        for machine in store.live_machines():
+            self.executor.machines[machine.uuid] = machine
+            self.works.index(machine)
+        log.info("space %s: machine records read, %d not finished", space.name, len(self.executor.machines))
+
+    @property
+    def store(self) -> Store:
+        return self.works.store
 
     def settings_for(self, name: str) -> Settings:
         """MJF and APEL see the machinetype's HS06 and memory per processor."""
@@ -147,175 +223,150 @@ class SpaceWorker:
         return dataclasses.replace(self.settings, hs06_per_processor=cloud_type.hs06_per_processor,
                                    mb_per_processor=cloud_type.mb_per_processor)
 
-    def machinetype(self, name: str) -> Optional[Machinetype]:
-        cloud_type = self.space.machinetypes.get(name)
-        return cloud_type.machinetype if cloud_type else None
+    def capacity(self, executor: Executor, action: scheduler.Create) -> Optional[str]:
+        """vcycled's capacity rule: the space's quota (the planner's, checked again against
+        the machines the executor has now)."""
+        if self.limit is None:
+            return None
+        used = sum(machine.processors for machine in executor.machines.values())
+        if used + action.processors > self.limit:
+            return f"{used} of the limit {self.limit} processors in use"
+        return None
+
+    def on_finished(self, machine: Machine) -> None:
+        self.finished[machine.uuid] = machine
+        self.works.forget(machine)
+        if vcycleplan.is_abort(machine.shutdown_message):
+            self.aborts[machine.machinetype] = Finish(machine.machinetype, machine.name, machine.shutdown_message,
+                                                      machine.finished or self.runtime.now())
 
     # --- the cycle ----------------------------------------------------------------------
 
-    def cycle(self, now: float) -> Optional[vcycleplan.Plan]:
-        """List, plan, execute; None if the space is backed off or its cloud failed."""
+    def _fail(self, now: float, error: str) -> None:
+        self.backends.connected = False
+        self.backoff_until = now + self.backoff
+        self.last_error = error
+        log.error("space %s: %s; next attempt in %.0f s", self.space.name, error, self.backoff)
+        self.backoff = min(2 * self.backoff, MAX_SPACE_BACKOFF_SECONDS)
+
+    async def cycle(self, now: float) -> Optional[vcycleplan.Plan]:
+        """List, plan, apply; None if the space is backed off or its cloud failed."""
         if now < self.backoff_until:
             return None
+        backend = self.backends.backend
         try:
-            if not self.connected:
-                self.backend.connect()
-                self.connected = True
-            machines = self.backend.list_machines()
-            quota = self.backend.quota()
-        except BackendError as error:
-            self.connected = False
-            self.backoff_until = now + self.backoff
-            log.error("space %s: %s; next attempt in %.0f s", self.space.name, error, self.backoff)
-            self.backoff = min(2 * self.backoff, MAX_SPACE_BACKOFF_SECONDS)
+            if not self.backends.connected:
+                await self.runtime.call(backend.connect)
+                self.backends.connected = True
+            listing = await self.executor.reconcile()
+            if self.executor.unanswered:
+                raise ValueError("the listing failed (logged above)")
+            quota = await self.runtime.call(backend.quota)
+        except Exception as error:  # noqa: BLE001 - any cloud failure backs this space off
+            self._fail(now, str(error))
             return None
         self.backoff = MIN_SPACE_BACKOFF_SECONDS
-        listed = tuple(listed_of(machine) for machine in machines)
+        self.last_error = None
+        plan = self.plan(tuple(listed_of(machine) for _, machine in listing), quota, now)
+        for action in plan.actions:
+            self.apply(action, now)
+        self.executor.start_finishes(now)
+        self.last_plan = plan
+        return plan
+
+    def plan(self, listed: tuple[vcycleplan.Listed, ...], quota: Any, now: float) -> vcycleplan.Plan:
+        executor = self.executor
+        listed_uuids = {machine.uuid for machine in listed}
         for machine in listed:
             if machine.state.active:
                 self.last_seen[machine.uuid] = now
-        listed_uuids = {machine.uuid for machine in listed}
-        for uuid, record in list(self.records.items()):
-            if record.state == MachineState.FINISHED and uuid not in listed_uuids:
-                del self.records[uuid]  # done with: only its directory remains
+        for uuid in list(self.finished):
+            if uuid not in listed_uuids:  # done with: only its directory remains
+                del self.finished[uuid]
                 self.last_seen.pop(uuid, None)
-            elif uuid not in listed_uuids and uuid not in self.last_seen:
+        for uuid, record in executor.machines.items():
+            if uuid not in listed_uuids and uuid not in self.last_seen:
                 activity = self.store.last_activity(record)  # vcycled was down when it went
                 if activity is not None:
                     self.last_seen[uuid] = activity
+        self.limit = self.space.processors_limit if self.space.processors_limit is not None else quota.max_processors
         snapshot = vcycleplan.SpaceSnapshot(
-            space=self.space, factory=self.factory, listed=listed, records=dict(self.records),
-            finishes=self.store.load_finishes(), heartbeats=self._heartbeats(), last_seen=dict(self.last_seen),
+            space=self.space, factory=self.factory, listed=listed,
+            records={**self.finished, **executor.machines}, finishes=dict(self.aborts),
+            heartbeats=self._heartbeats(), last_seen=dict(self.last_seen),
             cloud_limit=quota.max_processors, cloud_used=quota.used_processors, now=now,
             daemon_started=self.started)
         plan = vcycleplan.plan(snapshot, self.rng)
         for note in plan.notes:
             log.debug("space %s: %s", self.space.name, note)
-        for action in plan.actions:
-            try:
-                self.execute(action, now)
-            except (BackendError, OSError, ValueError, apel.ApelError) as error:
-                log.error("space %s: %s failed: %s", self.space.name, type(action).__name__, error)
-        self.last_plan = plan
         return plan
 
     def _heartbeats(self) -> dict[str, Optional[float]]:
         found: dict[str, Optional[float]] = {}
-        for uuid, record in self.records.items():
-            machinetype = self.machinetype(record.machinetype)
-            if record.state != MachineState.RUNNING or machinetype is None or not machinetype.heartbeat_file:
+        for uuid, record in self.executor.machines.items():
+            cloud_type = self.space.machinetypes.get(record.machinetype)
+            if record.state != MachineState.RUNNING or cloud_type is None or not cloud_type.machinetype.heartbeat_file:
                 continue
-            found[uuid] = self.store.joboutput_mtime(record, machinetype.heartbeat_file)
+            found[uuid] = self.store.joboutput_mtime(record, cloud_type.machinetype.heartbeat_file)
         return found
 
-    # --- execution ----------------------------------------------------------------------
-
-    def execute(self, action: vcycleplan.Action, now: float) -> None:
-        if isinstance(action, vcycleplan.Create):
-            self.create(action, now)
-        elif isinstance(action, vcycleplan.Delete):
-            record = self.records[action.uuid]
-            log.info("space %s: deleting %s: %s", self.space.name, action.name, action.reason)
-            message = record.shutdown_message if record.shutdown_message else action.message
-            self._save(record.replace(stop_requested=now, shutdown_message=message))
-            self.backend.destroy(action.uuid)
-        elif isinstance(action, vcycleplan.Started):
-            log.info("space %s: %s is running", self.space.name, action.machine.name)
-            self._save(action.machine)
-        elif isinstance(action, vcycleplan.Finished):
-            self.finish(action)
-        elif isinstance(action, vcycleplan.Adopt):
-            log.warning("space %s: %s", self.space.name, action.reason)
-            directory = self.store.create_machine_dir(action.machine)
-            self.records[action.machine.uuid] = action.machine
-            self._index(action.machine, directory)
-        elif isinstance(action, LowerDeadline):
-            record = self.records[action.uuid].replace(deadline=action.deadline)
-            metadata.lower_deadline_files(self.store.machine_dir(record), action.deadline)
-            self._save(record)
-
-    def create(self, action: vcycleplan.Create, now: float) -> None:
-        from vac.content import userdata
-
-        cloud_type = self.space.machinetypes[action.machinetype]
-        machinetype = cloud_type.machinetype
-        settings = self.settings_for(machinetype.name)
-        machine = Machine(uuid=str(uuidlib.uuid4()), name=cloud.machine_name(machinetype.name, self.rng), slot=0,
-                          machinetype=machinetype.name, machine_model=vcycleplan.MACHINE_MODEL,
-                          processors=action.processors, created=now, deadline=action.deadline,
-                          hs06=action.hs06, fqan=machinetype.accounting_fqan)
-        token = secrets.token_urlsafe(24)
-        directory = self.store.create_machine_dir(machine)
-        self.records[machine.uuid] = machine
-        try:
-            atomic_write(directory / TOKEN_FILE, token, 0o600)
-            machinefeatures, jobfeatures = metadata.mjf_features(machine, settings, machinetype, now)
-            metadata.write_mjf(directory, machinefeatures, jobfeatures)
-            template, url = userdata.fetch_template(machinetype, settings)
-            proxy = None
-            if machinetype.user_data_proxy:
-                from vac.content import x509
-
-                proxy = x509.machinetype_proxy(machinetype, machine.deadline, now)
-            base = cloudmjf.machine_url(self.https_host, self.https_port, self.space.name, machine.name, token)
-            manager = f"Vcycle {__version__}"
-            overrides = {"user_data_machinefeatures_url": f"{base}/machinefeatures",
-                         "user_data_jobfeatures_url": f"{base}/jobfeatures",
-                         "user_data_joboutputs_url": f"{base}/joboutputs",
-                         "user_data_manager_version": manager, "user_data_vmlm_version": manager}
-            text = userdata.build_user_data(template, settings=settings, machinetype=machinetype, machine=machine,
-                                            template_url=url, proxy_pem=proxy, overrides=overrides)
-            self.store.write_file(machine, "user_data", text, mode=0o600)
-            self.tokens[machine.name], self.dirs[machine.name] = token, directory
-            self.backend.create(machine, machinetype, settings, directory)
-        except Exception as error:  # noqa: BLE001 - any failure: the record is finished, the cycle goes on
-            log.error("space %s: creating %s failed: %s", self.space.name, machine.name, error)
-            self._close(dataclasses.replace(machine, state=MachineState.FINISHED, finished=now,
-                                            shutdown_message=None))
+    def apply(self, action: vcycleplan.Action, now: float) -> None:
+        """One planned action, through the executor."""
+        executor = self.executor
+        if isinstance(action, scheduler.Create):
+            executor.apply(action, now)
             return
-        log.info("space %s: created %s (%s): %s", self.space.name, machine.name, machine.uuid, action.reason)
-
-    def _close(self, machine: Machine) -> None:
-        self._save(machine)
-        self.store.release_slot(machine)
-        self.tokens.pop(machine.name, None)
-        self.dirs.pop(machine.name, None)
-
-    def finish(self, action: vcycleplan.Finished) -> None:
-        record = self.records[action.uuid]
-        machinetype = self.machinetype(record.machinetype)
-        outcome = vcycleplan.finish_outcome(record, machinetype, self.store.vm_shutdown_message(record), action.end)
-        finished = outcome.machine
-        if outcome.account:
-            # Clouds report no CPU time: CpuDuration is the wall time (classic Vcycle).
-            wall = (finished.finished or action.end) - (finished.started or finished.created)
-            result = apel.write_accounting(self.settings_for(record.machinetype),
-                                           machinetype or Machinetype(name=record.machinetype), finished,
-                                           action.end, max(0.0, wall), apel.VCYCLE)
-            log.info("space %s: %s", self.space.name, result)
-        if outcome.abort and finished.shutdown_message:
-            self.store.save_finish(Finish(record.machinetype, record.name, finished.shutdown_message,
-                                          finished.finished or action.end))
-        if action.delete:
-            finished = finished.replace(stop_requested=action.end)
-        self._close(finished)
-        log.info("space %s: finished %s (%s): %s", self.space.name, record.name,
-                 finished.shutdown_message or "no message", action.reason)
-        if action.delete:
-            self.backend.destroy(action.uuid)
+        if isinstance(action, vcycleplan.Adopt):
+            log.warning("space %s: %s", self.space.name, action.reason)
+            self.store.create_machine_dir(action.machine)
+            executor.add(action.machine)
+            return
+        if isinstance(action, lifecycle.DestroyZombie):  # finished, still listed: delete again
+            self.finished[action.uuid] = self.finished[action.uuid].replace(stop_requested=now)
+            executor.apply_lifecycle(action, now)
+            return
+        machine = executor.machines.get(action.uuid)
+        if machine is None or action.uuid in executor.busy:
+            return  # a step of the executor is already at it
+        if isinstance(action, vcycleplan.Started):
+            if executor.transition(machine, MachineState.RUNNING, started=action.started,
+                                   processors=action.processors):
+                log.info("space %s: %s is running", self.space.name, machine.name)
+        elif isinstance(action, vcycleplan.Delete):
+            # Classic Vcycle deletes at once: the 700 message (unless the machine wrote its
+            # own), then the finish, whose release deletes the machine from the cloud.
+            log.info("space %s: deleting %s: %s", self.space.name, action.name, action.reason)
+            if action.message and self.works.vm_shutdown_message(machine) is None:
+                self.works.write_shutdown_message(machine, action.message)
+            executor.apply_lifecycle(lifecycle.MarkGone(action.uuid, now, action.reason), now)
+        elif isinstance(action, lifecycle.MarkGone):
+            executor.apply_lifecycle(action, now)
+        elif isinstance(action, scheduler.LowerDeadline):
+            executor.apply(action, now)
 
     def status(self) -> dict:
-        machines = [m for m in self.records.values() if m.state != MachineState.FINISHED]
+        machines = sorted(self.executor.machines.values(), key=lambda m: m.name)
         plan = self.last_plan
         return {
             "space": self.space.name, "api": self.space.api, "manager": self.factory,
-            "backed_off_until": self.backoff_until or None,
+            "backed_off_until": self.backoff_until or None, "error": self.last_error,
+            "processors_limit": self.limit,
             "machines": [{"name": m.name, "machinetype": m.machinetype, "state": m.state.value,
                           "processors": m.processors, "created": m.created, "started": m.started,
-                          "shutdown_message": m.shutdown_message} for m in sorted(machines, key=lambda m: m.name)],
-            "machinetypes": {name: {"score": s.score, "blocked_by": s.blocked_by}
-                             for name, s in (plan.standings.items() if plan else ())},
+                          "hs06": m.hs06, "shutdown_message": m.shutdown_message} for m in machines],
+            "machinetypes": {name: {"target_share": ct.machinetype.target_share,
+                                    "score": plan.standings[name].score if plan and name in plan.standings else None,
+                                    "blocked_by": (plan.standings[name].blocked_by
+                                                   if plan and name in plan.standings else None),
+                                    "last_abort": _abort_of(self.aborts.get(name))}
+                             for name, ct in self.space.machinetypes.items()},
         }
+
+
+def _abort_of(finish: Optional[Finish]) -> Optional[dict]:
+    if finish is None:
+        return None
+    return {"time": finish.finished_time, "message": finish.shutdown_message, "machine": finish.machine_name}
 
 
 class Vcycled:
@@ -332,6 +383,7 @@ class Vcycled:
         self.started = time.time()
         self.rng = random.SystemRandom()
         self.stopping = asyncio.Event()
+        self.runtime = LoopRuntime(time.time)
 
     def reload(self) -> None:
         """Re-read the configuration; on errors keep the one in force (and say so)."""
@@ -351,14 +403,14 @@ class Vcycled:
             if worker is None or worker.space != space:
                 https = (space.https_host or self.factory, space.https_port)
                 self.workers[name] = SpaceWorker(space, self.factory, self.state_root, https,
-                                                 self.backend_factory, self.started, self.rng)
+                                                 self.backend_factory, self.started, self.rng, self.runtime)
         for name in set(self.workers) - set(config.spaces):
             log.warning("space %s is no longer configured: its machines are left alone", name)
             del self.workers[name]
 
     def resolve(self, space: str, name: str) -> Optional[cloudmjf.CloudMachineFiles]:
         worker = self.workers.get(space)
-        return worker.mjf_files(name) if worker else None
+        return worker.works.mjf_files(name) if worker else None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -379,18 +431,17 @@ class Vcycled:
                                            max(0.0, self.args.cycle_seconds - (time.time() - started)))
         finally:
             await listener.close()
+            await self.runtime.cancel()
             log.info("vcycled stopping; machines keep running")
 
     async def cycle(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.reload)
+            await self.runtime.call(self.reload)
         except SystemExit as error:
             log.error("%s", error)
         now = time.time()
         workers = list(self.workers.values())
-        results = await asyncio.gather(*(loop.run_in_executor(None, worker.cycle, now) for worker in workers),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(worker.cycle(now) for worker in workers), return_exceptions=True)
         for worker, result in zip(workers, results):
             if isinstance(result, BaseException):
                 log.error("space %s: cycle failed: %s: %s", worker.space.name, type(result).__name__, result)
@@ -401,7 +452,7 @@ class Vcycled:
         import json
 
         try:
-            atomic_write(worker.store.root / "status.json", json.dumps(
+            atomic_write(worker.store.root / STATUS_FILE, json.dumps(
                 {**worker.status(), "updated": time.time()}, sort_keys=True))
         except OSError as error:
             log.error("space %s: cannot write status: %s", worker.space.name, error)

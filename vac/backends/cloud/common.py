@@ -7,12 +7,14 @@ import binascii
 import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from vac.backends.base import BackendError, BackendMachine
 from vac.core.cloud import CloudState
-from vac.core.config import Machinetype
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 from vac.core.vcycleconfig import GRID_CA_PATH, Space
 
 MAX_PUBLIC_KEY_BYTES = 16 * 1024
@@ -54,6 +56,27 @@ class Quota:
 
     max_processors: Optional[int]
     used_processors: Optional[int]
+
+
+class ReleasedByDeletion:
+    """What the cloud backends do with machines vcycled is done with: a finished machine the
+    last listing still showed (stopped, failed, or being deleted by vcycled) is deleted as it
+    is released; one already gone needs nothing (and no listing to find out). A zombie is gone
+    with ``destroy``: nothing else is kept to ``forget``."""
+
+    def listed_ids(self) -> Mapping[str, str]:
+        """Machine uuid -> cloud ID of the last listing (and creations since)."""
+        raise NotImplementedError
+
+    def destroy(self, uuid: str) -> None:
+        raise NotImplementedError
+
+    def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
+        if machine.uuid in self.listed_ids():
+            self.destroy(machine.uuid)
+
+    def forget(self, uuid: str) -> None:
+        """Nothing is kept beyond the machine itself."""
 
 
 def tls_verify(space: Space) -> Union[str, bool]:

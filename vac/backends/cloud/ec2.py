@@ -7,6 +7,7 @@ checked, because an EC2-compatible cloud is not AWS.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ from vac.backends.cloud.common import (
     CloudError,
     CloudMachine,
     Quota,
+    ReleasedByDeletion,
     field,
     read_public_key,
     tls_verify,
@@ -35,7 +37,7 @@ MAX_PAGES = 1000
 _TAG_NAME = "Name"  # the tag the EC2 console shows; classic Vcycle used "name"
 
 
-class EC2Backend:
+class EC2Backend(ReleasedByDeletion):
     """One space's EC2 account and region. Implements vac.backends.base.MachineBackend."""
 
     kind = "cloud"
@@ -238,11 +240,8 @@ class EC2Backend:
         self._instances.pop(uuid, None)
         log.info("space %s: terminated instance %s (machine %s)", self.space.name, instance_id, uuid)
 
-    def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
-        """Nothing outside the instance."""
-
-    def forget(self, uuid: str) -> None:
-        """A zombie instance is gone with ``destroy``: nothing else is kept."""
+    def listed_ids(self) -> Mapping[str, str]:
+        return self._instances
 
 
 def _zone(item: dict) -> Optional[str]:

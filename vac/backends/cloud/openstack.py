@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,6 +27,7 @@ from vac.backends.cloud.common import (
     CloudError,
     CloudMachine,
     Quota,
+    ReleasedByDeletion,
     field,
     local_image_path,
     read_public_key,
@@ -46,7 +48,7 @@ _IMAGE_FORMATS = {".iso": "iso", ".qcow2": "qcow2", ".img": "raw", ".raw": "raw"
 ImageResolver = Callable[[Machinetype], Path]
 
 
-class OpenStackBackend:
+class OpenStackBackend(ReleasedByDeletion):
     """One space's OpenStack project. Implements vac.backends.base.MachineBackend."""
 
     kind = "cloud"
@@ -352,11 +354,8 @@ class OpenStackBackend:
                    f"deleting server {server_id} (machine {uuid})", tolerate=(404,))
         log.info("space %s: deleted server %s (machine %s)", self.space.name, server_id, uuid)
 
-    def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
-        """Nothing outside the server: vcycle boots from images, not volumes."""
-
-    def forget(self, uuid: str) -> None:
-        """A zombie server is gone with ``destroy``: nothing else is kept."""
+    def listed_ids(self) -> Mapping[str, str]:
+        return self._servers
 
 
 def _read_user_data(directory: Path) -> bytes:
