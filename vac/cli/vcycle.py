@@ -1,4 +1,5 @@
-"""The ``vcycle`` command: vcycle's configuration (and, later, its status tables).
+"""The ``vcycle`` command: vcycle's configuration and its status tables (from vcycled's status
+files, vac.cli.vcyclestatus).
 
 Output goes to stdout; problems to stderr as ``level: FILE:LINE: [SECTION] OPTION: MESSAGE``;
 the exit status is 1 on any configuration error.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import time
 from typing import Optional
 
 from vac import __version__
@@ -16,6 +18,7 @@ from vac.core.config import ConfigPaths
 from vac.core.vcycleconfig import (
     DEFAULT_CONF_DIR,
     DEFAULT_MAIN_CONF,
+    STATE_DIR,
     format_vcycle_config,
     load_vcycle_config,
 )
@@ -37,6 +40,20 @@ def cmd_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """A table (or JSON) of the spaces, machinetypes or machines vcycled last reported."""
+    from vac.cli import vcyclestatus
+
+    statuses, problems = vcyclestatus.load_statuses(args.state_dir, args.space)
+    for problem in problems:
+        print(f"vcycle: {problem}", file=sys.stderr)
+    if args.json:
+        print(vcyclestatus.as_json(args.command, statuses), end="")
+    else:
+        print(vcyclestatus.RENDERERS[args.command](statuses, time.time()), end="")
+    return 0 if statuses or not problems else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcycle", description="vcycle: the vacuum model on cloud tenancies")
     parser.add_argument("--version", action="version", version=f"vcycle {__version__}")
@@ -46,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     conf = commands.add_parser("conf", help="show the effective configuration and where each value was set")
     conf.add_argument("--check", action="store_true", help="print only problems; exit status 1 on any error")
     conf.set_defaults(func=cmd_conf)
+    for name, what in (("spaces", "each space: machines, processors, limit, backoff"),
+                       ("machinetypes", "each machinetype: share, machines, score, last abort, why none is created"),
+                       ("machines", "each machine: state, processors, ages, shutdown message")):
+        table = commands.add_parser(name, help=what)
+        table.add_argument("--state-dir", default=STATE_DIR, help="vcycled's state directory (default %(default)s)")
+        table.add_argument("--space", default=None, help="only this space")
+        table.add_argument("--json", action="store_true", help="JSON instead of a table")
+        table.set_defaults(func=cmd_status)
     return parser
 
 
