@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from vac.backends import scratch
 from vac.backends.base import BackendError, BackendMachine, StoppedCallback
 from vac.backends.container import common
 from vac.backends.container.cgroups import CgroupError, Cgroups
@@ -112,13 +113,15 @@ class ApptainerBackend:
 
     def __init__(self, on_stopped: StoppedCallback, *, singularity_user: Optional[str],
                  binary: Optional[str] = None, cgroup_root: str = "/vac",
-                 cvmfs_root: str = "/cvmfs", cgroups: Optional[Cgroups] = None):
+                 cvmfs_root: str = "/cvmfs", cgroups: Optional[Cgroups] = None,
+                 volume_group: Optional[str] = None):
         self.on_stopped = on_stopped
         self.singularity_user = singularity_user
         self.binary = binary
         self.cgroup_root = cgroup_root.rstrip("/")
         self.cvmfs_root = cvmfs_root
         self.cgroups = cgroups
+        self.volume_group = volume_group  # where a zombie's scratch volume is (a restart option)
         self._children: dict[str, subprocess.Popen] = {}
         self._reported: set[str] = set()
         self._starting: set[str] = set()  # cgroup made, process not yet in it: not "ended"
@@ -128,7 +131,8 @@ class ApptainerBackend:
 
     @classmethod
     def from_settings(cls, settings: Settings, on_stopped: StoppedCallback) -> ApptainerBackend:
-        return cls(on_stopped, singularity_user=settings.singularity_user)
+        return cls(on_stopped, singularity_user=settings.singularity_user,
+                   volume_group=settings.volume_group)
 
     def _path(self, uuid: str) -> str:
         return f"{self.cgroup_root}/{CGROUP_PREFIX}{uuid}"
@@ -205,10 +209,10 @@ class ApptainerBackend:
         image = resolve_image(machinetype)
         command = common.command_argv(machinetype.container_command)
         cvmfs = common.cvmfs_paths(self.cvmfs_root, machinetype.cvmfs_repositories)
-        scratch = common.prepare_scratch(directory, [])
+        workdir = common.prepare_scratch(directory, [], machine, machinetype, settings)
         user_data = common.executable_user_data(directory)
         try:
-            for path in (scratch, directory / "joboutputs", user_data):
+            for path in (workdir, directory / "joboutputs", user_data):
                 os.chown(path, user.pw_uid, user.pw_gid)
         except OSError as error:
             raise BackendError(f"{machine.name}: cannot give the machine to "
@@ -292,14 +296,16 @@ class ApptainerBackend:
     def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
         """Kill what is left, remove the cgroup (and with it the CPU total) and the scratch."""
         self.forget(machine.uuid)
-        common.remove_scratch(directory)
+        common.remove_scratch(directory, machine.uuid, settings.volume_group)
 
     def forget(self, uuid: str) -> None:
-        """Kill what is left and remove the cgroup (a zombie's, or at ``release``)."""
+        """Kill what is left, remove the cgroup and the scratch disk (a zombie's, or at
+        ``release``)."""
         self.destroy(uuid)
         try:
             self._cgroups().remove(self._path(uuid))
         except CgroupError as error:
             raise BackendError(f"{uuid}: {error}") from error
+        scratch.release_scratch(uuid, self.volume_group)
         with self._lock:
             self._reported.discard(uuid)

@@ -1,8 +1,9 @@
 """What the container backends share: model names, commands, the scratch area, running tools.
 
 A container machine's directory is prepared by the daemon exactly as for a VM (machinefeatures/,
-jobfeatures/, joboutputs/, user_data); the backends add ``mnt/``, the machine's scratch space,
-which holds the writable directories bound into the container and is removed by ``release``.
+jobfeatures/, joboutputs/, user_data); the backends add ``mnt/``, the machine's scratch space
+(a size-limited disk mounted there with disk_gb_per_processor, vac.backends.scratch), which holds
+the writable directories bound into the container and is removed by ``release``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from vac.backends import scratch as scratch_disk
 from vac.backends.base import BackendError
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
 
 DEFAULT_CONTAINER_COMMAND = "/user_data"
 DOCKER_IMAGE_PREFIX = "docker://"
@@ -81,9 +85,13 @@ def process_ulimits(pid_max_path: str = PID_MAX_PATH) -> tuple[int, int]:
     return clamp_limit(nofile, MAX_NOFILE), clamp_limit(nproc, min(MAX_NPROC, pid_max))
 
 
-def prepare_scratch(directory: Path, subdirectories: Sequence[str]) -> Path:
-    """Make ``directory/mnt`` and the given subdirectories (fresh, 0755); return ``mnt``."""
+def prepare_scratch(directory: Path, subdirectories: Sequence[str], machine: Machine,
+                    machinetype: Machinetype, settings: Settings) -> Path:
+    """Make ``directory/mnt``, with the machine's scratch disk mounted on it when
+    disk_gb_per_processor is set (vac.backends.scratch), and the given subdirectories in it
+    (fresh, 0755); return ``mnt``. What a later failure leaves is for ``remove_scratch``."""
     scratch = directory / SCRATCH_DIR
+    scratch_disk.create_scratch(settings, machinetype, machine, directory, scratch)
     try:
         scratch.mkdir(mode=0o755, exist_ok=True)
         for name in subdirectories:
@@ -95,8 +103,14 @@ def prepare_scratch(directory: Path, subdirectories: Sequence[str]) -> Path:
     return scratch
 
 
-def remove_scratch(directory: Path) -> None:
-    """Remove ``directory/mnt`` and everything the machine left there. Idempotent."""
+def remove_scratch(directory: Path, uuid: str, volume_group: Optional[str]) -> None:
+    """Release the machine's scratch disk, then remove ``directory/mnt`` and everything the
+    machine left there; never while anything is still mounted there. Idempotent."""
+    scratch_disk.release_scratch(uuid, volume_group, directory, directory / SCRATCH_DIR)
+    still = scratch_disk.mounted_under(directory / SCRATCH_DIR)
+    if still:
+        raise BackendError(f"{directory / SCRATCH_DIR} is still mounted on {still[0]}: "
+                           "not removed")
     try:
         shutil.rmtree(directory / SCRATCH_DIR)
     except FileNotFoundError:

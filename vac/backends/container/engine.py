@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from vac.backends import scratch
 from vac.backends.base import BackendError, BackendMachine, StoppedCallback
 from vac.backends.container import common
 from vac.backends.container.cgroups import CgroupError, Cgroups, Limits, parse_proc_cgroup
@@ -265,7 +266,8 @@ class EngineBackend:
     def __init__(self, factory_name: str, on_stopped: StoppedCallback, *,
                  engine: str = "podman", binary: Optional[str] = None,
                  runtime: Optional[str] = None, network: str = "bridge",
-                 cgroup_root: str = "/vac", cvmfs_root: str = "/cvmfs"):
+                 cgroup_root: str = "/vac", cvmfs_root: str = "/cvmfs",
+                 volume_group: Optional[str] = None):
         if engine not in ENGINES:
             raise BackendError(f"unknown container engine {engine!r} (use podman or docker)")
         self.engine = ENGINES[engine]
@@ -276,6 +278,7 @@ class EngineBackend:
         self.network = network
         self.cgroup_root = cgroup_root
         self.cvmfs_root = cvmfs_root
+        self.volume_group = volume_group  # where a zombie's scratch volume is (a restart option)
         self.cgroups: Optional[Cgroups] = None
         self._closing = threading.Event()
         self._events: Optional[subprocess.Popen] = None
@@ -285,7 +288,8 @@ class EngineBackend:
     @classmethod
     def from_settings(cls, settings: Settings, on_stopped: StoppedCallback) -> EngineBackend:
         return cls(settings.factory_name, on_stopped, engine=settings.container_engine,
-                   runtime=settings.container_runtime, network=settings.container_network)
+                   runtime=settings.container_runtime, network=settings.container_network,
+                   volume_group=settings.volume_group)
 
     def _argv(self, *args: str) -> list[str]:
         return self.engine.argv(self.binary, *args)
@@ -367,7 +371,8 @@ class EngineBackend:
         cvmfs = common.cvmfs_paths(self.cvmfs_root, machinetype.cvmfs_repositories)
         common.prepare_scratch(directory, [name for name, _ in SCRATCH_BINDS]
                                + [f"{TMP_BINDS_DIR}/{common.bind_directory_name(path)}"
-                                  for path in machinetype.tmp_binds])
+                                  for path in machinetype.tmp_binds],
+                               machine, machinetype, settings)
         spec = container_spec(machine, machinetype, settings, directory, engine=self.engine.name,
                               network=self.network, runtime=self.runtime,
                               cgroup_root=self.cgroup_root, ulimits=common.process_ulimits(),
@@ -466,13 +471,15 @@ class EngineBackend:
         """Remove the container, its parent cgroup and its scratch space. Idempotent; the daemon
         reads ``cpu_seconds`` for accounting before it calls this."""
         self.forget(machine.uuid)
-        common.remove_scratch(directory)
+        common.remove_scratch(directory, machine.uuid, settings.volume_group)
 
     def forget(self, uuid: str) -> None:
-        """Remove the container and its parent cgroup (a zombie's, or at ``release``)."""
+        """Remove the container, its parent cgroup and its scratch disk (a zombie's, or at
+        ``release``)."""
         self._remove(uuid)
         if self.cgroups is not None:
             try:
                 self.cgroups.remove(cgroup_parent(self.cgroup_root, self.engine.name, uuid))
             except CgroupError as error:
                 raise BackendError(f"{uuid}: {error}") from error
+        scratch.release_scratch(uuid, self.volume_group)
