@@ -228,7 +228,7 @@ def release_scratch(uuid: str, volume_group: Optional[str], directory: Optional[
             except CommandError as error:
                 if device in loop_devices(name + FILE_SUFFIX, sys_block):
                     raise BackendError(f"cannot detach {device} of {uuid}: {error}") from error
-    files = {path for _, path in loops}
+    files = {path for _, path in loops.values()}
     if directory is not None:
         files.add(str(scratch_file(directory, uuid)))
     for path in files:
