@@ -188,8 +188,9 @@ def wait_for(path: Path) -> None:
 @pytest.mark.container
 def test_user_data_runs_as_singularity_user_with_cpu_time(stand_in):
     backend = stand_in.backend()
+    # Written then renamed: the test must never read a file the shell has only just opened.
     script = """\
-id -u > started
+id -u > started.tmp && mv started.tmp started
 end=$(( $(date +%s) + 3 ))
 while [ $(date +%s) -lt $end ]; do :; done
 echo "300 No more work" > ../joboutputs/shutdown_message
