@@ -98,7 +98,9 @@ def test_volume_too_small_for_an_extent_is_refused():
 @pytest.mark.parametrize("name, ours", [
     ("factory-00.example.org", True), ("factory-7000.example.org", True),
     ("factory-0.example.org", False), ("factory-00.example.com", False),
-    ("factoryX00.example.org", False), ("other-00.example.org", False)])
+    ("factoryX00.example.org", False), ("other-00.example.org", False),
+    ("vac-scratch-0b3c9a4e-2f1d-4c6e-9a8b-7d6e5f4a3b2c", True),
+    ("vac-scratch-home", False)])
 def test_vac_volumes_are_recognised_by_name(name, ours):
     assert disks.is_vac_volume(name, "factory.example.org") is ours
 

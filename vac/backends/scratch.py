@@ -33,7 +33,7 @@ from vac.core.model import Machine
 
 log = logging.getLogger(__name__)
 
-NAME_PREFIX = "vac-scratch-"
+NAME_PREFIX = disks.SCRATCH_VOLUME_PREFIX
 FILE_SUFFIX = ".ext4"
 FILE_DIR = "disks"
 MOUNTINFO = "/proc/self/mountinfo"

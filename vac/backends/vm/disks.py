@@ -145,8 +145,16 @@ def volume_group_size(volume_group: str, runner: CommandRunner = run_command) ->
         raise DiskError(f"vgs gave unreadable sizes for {volume_group}: {output!r}") from error
 
 
+# Container scratch volumes (vac.backends.scratch) are named by their machine's UUID.
+SCRATCH_VOLUME_PREFIX = "vac-scratch-"
+_SCRATCH_VOLUME = re.compile(re.escape(SCRATCH_VOLUME_PREFIX) + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+
 def is_vac_volume(volume: str, factory_name: str) -> bool:
-    """Whether ``volume`` is named like one of this factory's machines (``host-NN.domain``)."""
+    """Whether ``volume`` is one of this factory's: named like a machine (``host-NN.domain``)
+    or a container's scratch volume."""
+    if _SCRATCH_VOLUME.fullmatch(volume):
+        return True
     host, dot, domain = factory_name.partition(".")
     pattern = re.escape(host) + r"-[0-9]{2,}" + (r"\." + re.escape(domain) if dot else "")
     return re.fullmatch(pattern, volume) is not None
