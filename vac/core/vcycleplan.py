@@ -185,7 +185,9 @@ def _supervise(snap: SpaceSnapshot, actions: list, notes: list) -> dict[str, Mac
                 actions.append(DestroyZombie(snap.space.name, uuid, record.name, True))
             continue
         if record.state == MachineState.FINISHING:
-            continue  # being finished: its backend deletes it
+            if seen is not None:
+                active[uuid] = record  # being finished: its quota is used until its backend deletes it
+            continue
         if seen is None:
             if now - record.created < LISTING_GRACE_SECONDS:
                 active[uuid] = record

@@ -7,8 +7,8 @@ backend (vac.backends.cloud), plan purely (vac.core.vcycleplan), and have vac's 
 (vac.daemon.executor) apply the plan: the very code that runs vacd's machines, with a quota as
 its capacity rule, cloud names, and this space's cloud backend as its only backend. A listing
 that fails (the cloud down, throttling past the client's retries, an answer that is not what the
-API says) skips that space with one log line and backs it off (doubling up to
-``MAX_SPACE_BACKOFF_SECONDS``); nothing is decided on a partial view.
+API says) skips that space with one log line and backs it off: one cycle, then doubling up to
+``MAX_SPACE_BACKOFF_SECONDS``; nothing is decided on a partial view.
 
 State: ``<state_dir>/spaces/<space>/`` is a vac.records.store.Store (machine directories with
 ``machine.json``, MJF files, joboutputs, the machine's ``mjf_token``, APEL queues, finishes)
@@ -53,12 +53,11 @@ from vac.daemon.machines import MachineWorks
 from vac.daemon.runtime import LoopRuntime
 from vac.records import apel
 from vac.records.store import Store, atomic_write
-from vac.services import cloudmjf
+from vac.services import cloudmjf, vacquery
 
 log = logging.getLogger("vcycled")
 
 TOKEN_FILE = "mjf_token"
-MIN_SPACE_BACKOFF_SECONDS = 10.0
 MAX_SPACE_BACKOFF_SECONDS = 600.0
 DEFAULT_CYCLE_SECONDS = 60.0
 DEFAULT_CERT = "/etc/grid-security/hostcert.pem"
@@ -166,9 +165,47 @@ class CloudWorks(MachineWorks):
             super().save_finish(finish)
 
 
+class VcycleMetrics:
+    """The families vcycled exports (``--metrics-port``), by space."""
+
+    def __init__(self, registry: Any):
+        from vac.ops.metrics import Counter, Gauge
+
+        self.machines = Gauge(registry, "vcycle_machines", "Machines by space, machinetype and state.",
+                              ("space", "machinetype", "state"))
+        self.processors_limit = Gauge(registry, "vcycle_processors_limit",
+                                      "The space's processor quota (-1: none).", ("space",))
+        self.creations = Counter(registry, "vcycle_creations_total", "Machine creations started.",
+                                 ("space", "machinetype"))
+        self.creation_failures = Counter(registry, "vcycle_creation_failures_total",
+                                         "Machine creations that failed.", ("space", "machinetype"))
+        self.cloud_failures = Counter(registry, "vcycle_cloud_failures_total",
+                                      "Cycles of a space skipped because its cloud failed.", ("space",))
+        self.cycle_seconds = Gauge(registry, "vcycle_cycle_seconds",
+                                   "Duration of the space's last cycle (listing, planning, applying).", ("space",))
+
+    def publish(self, workers: list[SpaceWorker]) -> None:
+        counts: dict[tuple, float] = {}
+        for worker in workers:
+            for machine in worker.executor.machines.values():
+                key = (worker.space.name, machine.machinetype, machine.state.value)
+                counts[key] = counts.get(key, 0) + 1
+            limit = worker.limit
+            self.processors_limit.set(-1 if limit is None else limit, space=worker.space.name)
+        self.machines.replace(counts)
+
+
 class _SpaceHooks(Hooks):
     def __init__(self, worker: SpaceWorker):
         self.worker = worker
+
+    def created(self, machine: Machine) -> None:
+        if self.worker.metrics is not None:
+            self.worker.metrics.creations.inc(space=self.worker.space.name, machinetype=machine.machinetype)
+
+    def creation_failed(self, machine: Machine, error: str) -> None:
+        if self.worker.metrics is not None:
+            self.worker.metrics.creation_failures.inc(space=self.worker.space.name, machinetype=machine.machinetype)
 
     def finished(self, machine: Machine) -> None:
         self.worker.on_finished(machine)
@@ -179,8 +216,11 @@ class SpaceWorker:
 
     def __init__(self, space: Space, factory: str, state_root: Path, https: tuple[str, int],
                  backend_factory: BackendFactory, started: float, rng: random.Random,
-                 runtime: LoopRuntime):
+                 runtime: LoopRuntime, metrics: Optional[VcycleMetrics] = None,
+                 min_backoff: float = DEFAULT_CYCLE_SECONDS):
         self.space = space
+        self.min_backoff = min_backoff
+        self.metrics = metrics
         self.factory = factory
         self.started = started
         self.rng = rng
@@ -203,7 +243,7 @@ class SpaceWorker:
         self.last_seen: dict[str, float] = {}
         self.limit: Optional[int] = space.processors_limit
         self.backoff_until = 0.0
-        self.backoff = MIN_SPACE_BACKOFF_SECONDS
+        self.backoff = min_backoff
         self.last_plan: Optional[vcycleplan.Plan] = None
         self.last_error: Optional[str] = None
         for machine in store.live_machines():
@@ -239,10 +279,32 @@ class SpaceWorker:
         if vcycleplan.is_abort(machine.shutdown_message):
             self.aborts[machine.machinetype] = Finish(machine.machinetype, machine.name, machine.shutdown_message,
                                                       machine.finished or self.runtime.now())
+        if self.settings.vacmon_hostport:
+            status = vacquery.MachineStatus.from_machine(self.factory, machine)
+            message = vacquery.vacmon_finish_message(self.settings, status, len(self.executor.machines))
+            self.executor.spawn(vacquery.send_vacmon(self.settings, [message]), None)
+
+    def vacmon_messages(self, now: float) -> list[bytes]:
+        """The space's ``factory_status`` and ``machinetype_status`` datagrams (VCYCLE.md §6.4:
+        the limit is the space's maximum; Vcycle's defects, such as running HS06 never summed,
+        are not copied)."""
+        machines = tuple(self.executor.machines.values())
+        reports = scheduler.local_machinetype_reports(self.executor.config, machines, self.aborts,
+                                                      self.factory, now)
+        running = [m for m in machines if m.state in lifecycle.RUNNING_STATES]
+        limit = self.limit or 0
+        factory = vacquery.FactoryStatus(
+            factory=self.factory, running_processors=sum(m.processors for m in running),
+            running_machines=len(running), running_hs06=sum(r.running_hs06 for r in reports),
+            max_processors=limit, max_machines=limit, max_hs06=float(limit), factory_heartbeat_time=int(now))
+        return vacquery.vacmon_cycle_messages(
+            self.settings, vacquery.StatusSnapshot(machines=(), machinetypes=reports, factory=factory))
 
     # --- the cycle ----------------------------------------------------------------------
 
     def _fail(self, now: float, error: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cloud_failures.inc(space=self.space.name)
         self.backends.connected = False
         self.backoff_until = now + self.backoff
         self.last_error = error
@@ -265,13 +327,17 @@ class SpaceWorker:
         except Exception as error:  # noqa: BLE001 - any cloud failure backs this space off
             self._fail(now, str(error))
             return None
-        self.backoff = MIN_SPACE_BACKOFF_SECONDS
+        self.backoff = self.min_backoff
         self.last_error = None
         plan = self.plan(tuple(listed_of(machine) for _, machine in listing), quota, now)
         for action in plan.actions:
             self.apply(action, now)
         self.executor.start_finishes(now)
         self.last_plan = plan
+        if self.settings.vacmon_hostport:
+            self.executor.spawn(vacquery.send_vacmon(self.settings, self.vacmon_messages(now)), None)
+        if self.metrics is not None:
+            self.metrics.cycle_seconds.set(self.runtime.now() - now, space=self.space.name)
         return plan
 
     def plan(self, listed: tuple[vcycleplan.Listed, ...], quota: Any, now: float) -> vcycleplan.Plan:
@@ -383,7 +449,11 @@ class Vcycled:
         self.started = time.time()
         self.rng = random.SystemRandom()
         self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
         self.runtime = LoopRuntime(time.time)
+        self.metrics: Optional[VcycleMetrics] = None
+        self.notifier: Any = None
+        self.last_cycle = time.time()
 
     def reload(self) -> None:
         """Re-read the configuration; on errors keep the one in force (and say so)."""
@@ -403,7 +473,8 @@ class Vcycled:
             if worker is None or worker.space != space:
                 https = (space.https_host or self.factory, space.https_port)
                 self.workers[name] = SpaceWorker(space, self.factory, self.state_root, https,
-                                                 self.backend_factory, self.started, self.rng, self.runtime)
+                                                 self.backend_factory, self.started, self.rng, self.runtime,
+                                                 self.metrics, self.args.cycle_seconds)
         for name in set(self.workers) - set(config.spaces):
             log.warning("space %s is no longer configured: its machines are left alone", name)
             del self.workers[name]
@@ -412,25 +483,63 @@ class Vcycled:
         worker = self.workers.get(space)
         return worker.works.mjf_files(name) if worker else None
 
+    def request_stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: a cycle now, which re-reads the configuration first (as every cycle does)."""
+        log.info("reloading the configuration (SIGHUP)")
+        if self.notifier is not None:
+            self.notifier.reloading()
+        self.wake.set()
+
+    async def feed_watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog while cycles keep completing (a hung loop stops the pings)."""
+        while not self.stopping.is_set():
+            if time.time() - self.last_cycle < 3 * self.args.cycle_seconds + interval:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
     async def run(self) -> None:
+        from vac.ops.sdnotify import SystemdNotifier, watchdog_interval
+
         loop = asyncio.get_running_loop()
+        interval = watchdog_interval()
+        self.notifier = SystemdNotifier(unset_environment=True)
+        metrics_runner = None
+        if self.args.metrics_port:
+            from vac.ops import metrics
+
+            registry = metrics.Metrics()
+            self.metrics = VcycleMetrics(registry)
+            metrics_runner = await metrics.start_metrics_server(registry, self.args.metrics_port)
         self.reload()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
+        for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                                (signal.SIGHUP, self.request_reload)):
+            loop.add_signal_handler(signum, handler)
         machines = sum(s.processors_limit or 1000 for s in self.config.spaces.values())
         listener = await cloudmjf.start_cloud_mjf(
             self.resolve, address=self.args.https_address, port=self.args.https_port,
             cert_file=self.args.https_cert, key_file=self.args.https_key, machines=machines)
         log.info("vcycled %s started on %s: spaces %s", __version__, self.factory, ", ".join(self.workers))
+        watchdog = loop.create_task(self.feed_watchdog(interval)) if interval else None
         try:
             while not self.stopping.is_set():
                 started = time.time()
+                self.wake.clear()
                 await self.cycle()
+                self.last_cycle = time.time()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(),
+                    await asyncio.wait_for(self.wake.wait(),
                                            max(0.0, self.args.cycle_seconds - (time.time() - started)))
         finally:
+            self.notifier.stopping()
+            if watchdog is not None:
+                watchdog.cancel()
             await listener.close()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             await self.runtime.cancel()
             log.info("vcycled stopping; machines keep running")
 
@@ -447,6 +556,13 @@ class Vcycled:
                 log.error("space %s: cycle failed: %s: %s", worker.space.name, type(result).__name__, result)
             else:
                 self._write_status(worker)
+        if self.metrics is not None:
+            self.metrics.publish(workers)
+        machines = sum(len(worker.executor.machines) for worker in workers)
+        failing = [worker.space.name for worker in workers if worker.last_error]
+        text = f"{len(workers)} spaces, {machines} machines" + (f"; failing: {', '.join(failing)}" if failing else "")
+        # READY=1 after every cycle: harmless once ready, and it ends a reload (RELOADING=1).
+        self.notifier.ready(text)
 
     def _write_status(self, worker: SpaceWorker) -> None:
         import json
@@ -471,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--https-key", default=DEFAULT_KEY, help="its key (default %(default)s)")
     parser.add_argument("--cycle-seconds", type=float, default=DEFAULT_CYCLE_SECONDS,
                         help="seconds between cycles (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (default: none)")
     parser.add_argument("--log-file", default=None, help="log here instead of stderr")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--debug", action="store_true", help="log planner notes")
