@@ -7,6 +7,7 @@ so that the backend's tests run against answers shaped as a real cloud shapes th
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import uuid as uuidlib
@@ -17,7 +18,7 @@ import pytest
 
 from tests import openstack_emulator as emu
 from tests.cloudservers import free_port
-from tests.localhttp import tls_server_context
+from tests.localhttp import LocalHTTPServer, Route, tls_server_context
 from tests.openstack_emulator import OpenStackEmulator
 from vac.backends.base import BackendError
 from vac.backends.cloud.common import Quota
@@ -26,6 +27,8 @@ from vac.core.cloud import CloudState, machine_name
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
 from vac.core.vcycleconfig import CloudMachinetype, Space
+from vac.daemon.machines import MachineWorks
+from vac.records.store import Store
 
 pytestmark = pytest.mark.cloud
 
@@ -159,6 +162,29 @@ def test_life_cycle(emulator: OpenStackEmulator, tmp_path: Path) -> None:
     assert len(emulator.images) == 2
     newest = next(i for i in emulator.images.values() if i["last_modified"] == "1900000000")
     assert emulator.servers[fresh._servers[third.uuid]]["image"]["id"] == newest["id"]
+
+
+def test_url_root_image_goes_through_the_image_cache_into_glance(emulator: OpenStackEmulator, tmp_path: Path) -> None:
+    images = LocalHTTPServer()
+    try:
+        images.routes["/cernvm.iso"] = Route(body=b"\2" * 2048)
+        url = images.url("/cernvm.iso")
+        space = make_space(emulator, tmp_path)
+        cloud_type = space.machinetypes["lhcb"]
+        machinetype = dataclasses.replace(cloud_type.machinetype, root_image=url)
+        space = dataclasses.replace(space, machinetypes={"lhcb": dataclasses.replace(cloud_type, machinetype=machinetype)})
+        works = MachineWorks(Store(tmp_path / "state"), dataclasses.replace(SETTINGS, state_dir=str(tmp_path / "state")))
+        backend = OpenStackBackend(space, image_path=works.vm_root_image)
+        backend.connect()
+        for _ in range(2):  # the second machine finds the image again: one download, one upload
+            machine, directory = new_machine(tmp_path)
+            backend.create(machine, machinetype, SETTINGS, directory)
+        [image] = emulator.images.values()
+        assert image["name"] == url and emulator.image_data[image["id"]] == b"\2" * 2048
+        assert images.paths().count("/cernvm.iso") >= 1 and images.finished == 1
+        assert (tmp_path / "state" / "imagecache").is_dir()
+    finally:
+        images.close()
 
 
 def test_application_credential_and_region(emulator: OpenStackEmulator, tmp_path: Path) -> None:

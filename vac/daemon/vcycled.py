@@ -65,18 +65,48 @@ DEFAULT_KEY = "/etc/grid-security/hostkey.pem"
 DEFAULT_LOG = "/var/log/vcycle/vcycled"
 STATUS_FILE = "status.json"
 
-BackendFactory = Callable[[Space], MachineBackend]
+ImageResolver = Callable[[Machinetype], Optional[Path]]
+BackendFactory = Callable[[Space, ImageResolver], MachineBackend]
+PIPE_MACHINE_MODELS = ("cernvm3", "vm-raw")  # what a cloud can boot from a vacuum pipe's entries
 
 
-def cloud_backend(space: Space) -> MachineBackend:
-    """The space's backend; the client libraries are imported only for the clouds in use."""
+def cloud_backend(space: Space, image_path: ImageResolver) -> MachineBackend:
+    """The space's backend; the client libraries are imported only for the clouds in use.
+    ``image_path`` gives a root_image as a local file (URLs through the image cache) for an
+    upload to Glance; EC2 boots only registered images (``image:ID``)."""
     if space.api == API_EC2:
         from vac.backends.cloud.ec2 import EC2Backend
 
         return EC2Backend(space)
     from vac.backends.cloud.openstack import OpenStackBackend
 
-    return OpenStackBackend(space)
+    return OpenStackBackend(space, image_path=image_path)
+
+
+def expand_space_pipes(space: Space, state_dir: str, fetcher: Optional[Callable[[str], bytes]] = None) -> Space:
+    """``space`` with the machinetypes of its vacuum pipes added, fetched or from the pipes
+    cache under ``state_dir`` as vacd does (vac.content.pipes, which logs every problem). A
+    pipe's machinetype gets the space's flavor names; entries a cloud cannot boot (machine
+    models other than cernvm3 and vm-raw) are left out, as in classic Vcycle."""
+    if not space.vacuum_pipes:
+        return space
+    from vac.content import pipes
+    from vac.core.vcycleconfig import CloudMachinetype
+
+    config = Config(settings=Settings(vac_space=space.name, factory_name="", state_dir=state_dir),
+                    machinetypes={name: ct.machinetype for name, ct in space.machinetypes.items()},
+                    vacuum_pipes=space.vacuum_pipes)
+    expanded, _ = pipes.expand_pipes(config, fetcher)
+    added = {}
+    for name, machinetype in expanded.machinetypes.items():
+        if name in space.machinetypes:
+            continue
+        if machinetype.machine_model not in PIPE_MACHINE_MODELS:
+            log.warning("space %s: vacuum pipe machinetype %s left out: machine_model %s cannot run on a cloud",
+                        space.name, name, machinetype.machine_model)
+            continue
+        added[name] = CloudMachinetype(machinetype, flavor_names=space.flavor_names)
+    return dataclasses.replace(space, machinetypes={**space.machinetypes, **added})
 
 
 def listed_of(machine: Any) -> vcycleplan.Listed:
@@ -225,11 +255,14 @@ class SpaceWorker:
         self.started = started
         self.rng = rng
         self.runtime = runtime
-        self.backends = SpaceBackends(space.name, backend_factory(space))
         store = Store(state_root / "spaces" / space.name)
         store.prepare()
         self.settings = dataclasses.replace(space_settings(space, factory), state_dir=str(store.root))
         self.works = CloudWorks(store, self.settings, https, space.name)
+        # The executor hands backends its own copy of a machinetype (machine model "cloud"):
+        # images are resolved (and signatures checked) from the configured one.
+        self.backends = SpaceBackends(space.name, backend_factory(
+            space, lambda machinetype: self.works.vm_root_image(space.machinetypes[machinetype.name].machinetype)))
         # Every machinetype of a space runs on its cloud backend, whatever machine_model says
         # (classic files and vacuum pipes say cernvm3 or vm-raw: what the image is).
         config = Config(settings=self.settings, machinetypes={
@@ -465,10 +498,9 @@ class Vcycled:
                 raise SystemExit("vcycled: the configuration has errors (vcycle conf --check)")
             log.error("configuration has errors: keeping the previous one")
             return
-        if config == self.config:
-            return
         self.config = config
         for name, space in config.spaces.items():
+            space = expand_space_pipes(space, str(self.state_root / "spaces" / name))
             worker = self.workers.get(name)
             if worker is None or worker.space != space:
                 https = (space.https_host or self.factory, space.https_port)
