@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 MAX_USER_DATA_BYTES = 16 * 1024  # EC2's limit, before base64
 MAX_PAGES = 1000
 _TAG_NAME = "Name"  # the tag the EC2 console shows; classic Vcycle used "name"
+# Terminated instances stay listed for about an hour: the cloud leaves them out of the answer
+# (a busy account has many). Names are still checked here: classic machines only have "name".
+_LIVE_STATES = {"Name": "instance-state-name",
+                "Values": ["pending", "running", "stopping", "stopped", "shutting-down"]}
 
 
 class EC2Backend(ReleasedByDeletion):
@@ -91,7 +95,7 @@ class EC2Backend(ReleasedByDeletion):
         """Every vcycle instance of this space that is not yet terminated."""
         what = "DescribeInstances"
         machines = []
-        parameters: dict[str, Any] = {"MaxResults": 1000}
+        parameters: dict[str, Any] = {"MaxResults": 1000, "Filters": [_LIVE_STATES]}
         for _ in range(MAX_PAGES):
             answer = self._call("describe_instances", what, **parameters)
             # An empty account may omit the list altogether (classic Vcycle crashed on that).
