@@ -176,3 +176,15 @@ def test_vcycle_conf_shows_sources_and_hides_secrets(tmp_path: Path, capsys: pyt
     assert "region = CERN" in out and f"; {tmp_path}/vcycle.conf:8" in out
     assert "secret-password" not in out and "aws-secret-value" not in out and "password = (set)" in out
     assert "deprecated: use processors_limit" in err
+
+
+def test_preemptible_machinetypes_need_grace_secs(tmp_path: Path) -> None:
+    config, _ = load(tmp_path, CLASSIC + "preemptible = true\ngrace_secs = 120\n")
+    test = config.spaces["aws.example.org"].machinetypes["test"]
+    assert (test.preemptible, test.grace_secs) == (True, 120)
+    config, problems = load(tmp_path, CLASSIC + "preemptible = true\n")
+    assert config is None
+    assert [(p.option, p.is_error) for p in problems if "grace_secs" in p.message] == [("grace_secs", True)]
+    # unlike Vcycle 02, "false" is false
+    config, _ = load(tmp_path, CLASSIC + "preemptible = false\n")
+    assert config.spaces["aws.example.org"].machinetypes["test"].preemptible is False

@@ -282,3 +282,20 @@ def test_finished_record_still_listed_is_deleted_not_adopted() -> None:
     finished = record("f", state=MachineState.FINISHED, finished=NOW - 100)
     result = plan(snapshot(space, [finished], [listed(finished, CloudState.SHUT_DOWN)]))
     assert of(result, DestroyZombie) == [DestroyZombie(space.name, finished.uuid, finished.name, True)] and of(result, vp.Adopt) == []
+
+
+# --- preemptible ---------------------------------------------------------------------------------
+
+
+def test_a_reclaimed_preemptible_machine_waits_its_grace_then_is_finished_as_preempted() -> None:
+    space = make_space(cloud_type(preemptible=True, grace_secs=120), processors_limit=1)
+    machine = record("p")
+    stopped = [listed(machine, CloudState.SHUT_DOWN, updated=NOW - 60)]
+    within = plan(snapshot(space, [machine], stopped))
+    assert within.actions == ()  # within its grace: it may still upload its message, and holds the quota
+    after = plan(snapshot(space, [machine], stopped, now=NOW + 61))
+    assert [(a.uuid, a.end) for a in of(after, vp.Reclaimed)] == [(machine.uuid, NOW - 60)]
+    assert of(after, MarkGone) == [] and not vp.is_abort(vp.PREEMPTED)
+    # the same machine of an ordinary machinetype is finished at once
+    plain = plan(snapshot(make_space(processors_limit=1), [machine], stopped))
+    assert [g.uuid for g in of(plain, MarkGone)] == [machine.uuid]

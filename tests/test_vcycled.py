@@ -432,3 +432,16 @@ def test_notify_watchdog_reload_metrics_and_vacmon(tmp_path: Path, daemons) -> N
         vacmon.close()
         shutil.rmtree(short, ignore_errors=True)
         emulator.close()
+
+
+def test_ec2_reclaimed_preemptible_machine_is_finished_without_backoff(tmp_path: Path, moto: MotoServer, ec2,
+                                                                       daemons) -> None:
+    # a fizzle would back the machinetype off for an hour: a preempted machine is no fizzle
+    daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, limit=1, backoff_seconds=3600, fizzle_seconds=3600,
+                           preemptible="true", grace_secs=1)
+    [instance] = wait_for("a machine", lambda: instances(ec2, "pending", "running"))
+    ec2.stop_instances(InstanceIds=[instance["InstanceId"]])  # the cloud reclaims it
+    finished = wait_for("its finish", lambda: [r for r in daemon.records() if r["state"] == "finished"])
+    assert finished[0]["shutdown_message"] == "200 Preempted by the cloud"
+    wait_for("a replacement", lambda: len(instances(ec2, "pending", "running")) == 1
+             and instances(ec2, "pending", "running")[0]["InstanceId"] != instance["InstanceId"])

@@ -74,6 +74,10 @@ class CloudMachinetype:
     cvmfs_proxy_machinetype: Optional[str] = None
     hs06_per_processor: Optional[float] = None
     mb_per_processor: int = 2048
+    # Vcycle 02: the cloud may reclaim these machines (spot/preemptible instances), giving them
+    # grace_secs to write their shutdown message; one reclaimed is finished without a backoff.
+    preemptible: bool = False
+    grace_secs: Optional[int] = None
 
     @property
     def name(self) -> str:
@@ -212,6 +216,8 @@ CLOUD_MACHINETYPE_OPTIONS: dict[str, Any] = {
     "cvmfs_proxy_machinetype": values.matching(re.compile(r"[a-z0-9-]+(:[0-9]{1,5})?\Z"), "NAME or NAME:PORT"),
     "hs06_per_processor": values.number(0.0),
     "mb_per_processor": values.integer(1),
+    "preemptible": values.boolean,
+    "grace_secs": values.integer(0),
 }
 
 RENAMED: dict[str, dict[str, str]] = {
@@ -233,7 +239,6 @@ IGNORED: dict[str, dict[str, str]] = {
         "log_joboutputs": _IGNORED_MT, "joboutputs_days": _IGNORED_MT,
         "remote_joboutputs_url": _IGNORED_MT, "remote_joboutputs_cert": _IGNORED_MT,
         "remote_joboutputs_key": _IGNORED_MT, "disk_gb_per_processor": _IGNORED_MT,
-        "preemptible": "not supported by this version", "grace_secs": "not supported by this version",
     },
 }
 
@@ -349,6 +354,9 @@ def _build_machinetype(section: _Section, problems: list[Problem], sources: dict
     machinetype = machinetype_from_section(vac_section, settings, problems, sources, require_images=True)
     builder = Builder(section, problems, sources)
     fields = builder.convert(CLOUD_MACHINETYPE_OPTIONS, field_defaults(CloudMachinetype))
+    if fields.get("preemptible") and fields.get("grace_secs") is None:
+        problems.append(Problem(ERROR, "a preemptible machinetype needs grace_secs (seconds the cloud gives "
+                                "a reclaimed machine)", section.file, section.line, section.label, "grace_secs"))
     if machinetype is None or builder.failed or any(p.is_error and p.section == section.label for p in problems):
         return None
     path = f"{STATE_DIR}/spaces/{section.space}/machinetypes/{section.name}"

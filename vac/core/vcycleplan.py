@@ -51,6 +51,7 @@ MACHINE_MODEL = "cloud"  # Machine.machine_model of vcycle's records
 FAILED_TO_START = "700 Failed to start"
 EXCEEDED_WALLCLOCK = "700 Exceeded max_wallclock_seconds"
 PASSED_SHUTDOWNTIME = "700 Passed shutdowntime"
+PREEMPTED = "200 Preempted by the cloud"  # a code of its own: neither an abort nor a fizzle
 HEARTBEAT_NOT_UPDATED = scheduler.HEARTBEAT_NOT_UPDATED
 HEARTBEAT_NOT_CREATED = scheduler.HEARTBEAT_NOT_CREATED
 
@@ -93,6 +94,16 @@ class Delete:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reclaimed:
+    """A preemptible machine the cloud stopped or removed, its grace period over: finished at
+    ``end`` with ``PREEMPTED`` unless it wrote its own message."""
+
+    uuid: str
+    end: float
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Started:
     """First sight running of a machine recorded as creating (vcycled restarted while it was
     being created): RUNNING from ``started``, with the flavor's processors when the cloud says."""
@@ -114,7 +125,7 @@ class Adopt:
 # or it is gone), which the executor then finishes and accounts, its backend deleting it from
 # the cloud as it releases it; ``DestroyZombie`` for a finished machine the cloud still lists
 # (deleted again at most hourly), its backend key being the space's name.
-Action = Union[Create, Delete, Started, MarkGone, DestroyZombie, Adopt, LowerDeadline]
+Action = Union[Create, Delete, Started, MarkGone, Reclaimed, DestroyZombie, Adopt, LowerDeadline]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +200,17 @@ def _supervise(snap: SpaceSnapshot, actions: list, notes: list) -> dict[str, Mac
                 active[uuid] = record  # being finished: its quota is used until its backend deletes it
             continue
         if seen is None:
-            if now - record.created < LISTING_GRACE_SECONDS:
-                active[uuid] = record
+            if uuid not in snap.last_seen and now - record.created < LISTING_GRACE_SECONDS:
+                active[uuid] = record  # created, not listed yet
                 continue
             end = snap.last_seen.get(uuid, record.started or record.created)
-            actions.append(MarkGone(uuid, end, f"{record.name} is gone from the cloud"))
+            _ended(snap, record, end, f"{record.name} is gone from the cloud", actions)
             continue
         if not seen.state.active:
-            end = seen.updated if seen.updated is not None else snap.last_seen.get(uuid, now)
-            actions.append(MarkGone(uuid, min(end, now), f"{record.name} is {seen.state.value}"))
+            # never seen running (stopped between two cycles): its start is the best guess
+            end = seen.updated if seen.updated is not None else snap.last_seen.get(uuid, record.started or record.created)
+            active[uuid] = record  # still listed: it holds its quota until its finish deletes it
+            _ended(snap, record, min(end, now), f"{record.name} is {seen.state.value}", actions)
             continue
         active[uuid] = record
         if record.state == MachineState.STOPPING:
@@ -228,6 +241,16 @@ def _supervise(snap: SpaceSnapshot, actions: list, notes: list) -> dict[str, Mac
             if adopted.state != MachineState.FINISHED:
                 active[adopted.uuid] = adopted
     return active
+
+
+def _ended(snap: SpaceSnapshot, record: Machine, end: float, reason: str, actions: list) -> None:
+    """A machine that ended at ``end``: finished, unless it is preemptible and still within the
+    grace the cloud gives it (it may yet upload its shutdown message)."""
+    cloud_type = _cloud_type(snap.space, record.machinetype)
+    if cloud_type is None or not cloud_type.preemptible:
+        actions.append(MarkGone(record.uuid, end, reason))
+    elif snap.now >= end + (cloud_type.grace_secs or 0):
+        actions.append(Reclaimed(record.uuid, end, f"{reason}: preemptible, taken as reclaimed by the cloud"))
 
 
 def _adoption(seen: Listed, snap: SpaceSnapshot, notes: list) -> Optional[Machine]:

@@ -435,13 +435,21 @@ class SpaceWorker:
             # Classic Vcycle deletes at once: the 700 message (unless the machine wrote its
             # own), then the finish, whose release deletes the machine from the cloud.
             log.info("space %s: deleting %s: %s", self.space.name, action.name, action.reason)
-            if action.message and self.works.vm_shutdown_message(machine) is None:
-                self.works.write_shutdown_message(machine, action.message)
-            executor.apply_lifecycle(lifecycle.MarkGone(action.uuid, now, action.reason), now)
+            self._end(machine, action.message, now, action.reason, now)
+        elif isinstance(action, vcycleplan.Reclaimed):
+            log.info("space %s: %s", self.space.name, action.reason)
+            self._end(machine, vcycleplan.PREEMPTED, action.end, action.reason, now)
         elif isinstance(action, lifecycle.MarkGone):
             executor.apply_lifecycle(action, now)
         elif isinstance(action, scheduler.LowerDeadline):
             executor.apply(action, now)
+
+    def _end(self, machine: Machine, message: Optional[str], end: float, reason: str, now: float) -> None:
+        """Finish a machine that ended (or is to end) at ``end`` with ``message``, unless it wrote
+        its own; its finish's release deletes it from the cloud."""
+        if message and self.works.vm_shutdown_message(machine) is None:
+            self.works.write_shutdown_message(machine, message)
+        self.executor.apply_lifecycle(lifecycle.MarkGone(machine.uuid, end, reason), now)
 
     def status(self) -> dict:
         machines = sorted(self.executor.machines.values(), key=lambda m: m.name)
