@@ -274,6 +274,7 @@ class SpaceWorker:
         self.finished: dict[str, Machine] = {}  # finished machines the cloud may still list
         self.aborts: dict[str, Finish] = store.load_finishes()
         self.last_seen: dict[str, float] = {}
+        self.listed: set[str] = set()  # uuids of the last listing
         self.limit: Optional[int] = space.processors_limit
         self.backoff_until = 0.0
         self.backoff = min_backoff
@@ -301,7 +302,9 @@ class SpaceWorker:
         the machines the executor has now)."""
         if self.limit is None:
             return None
-        used = sum(machine.processors for machine in executor.machines.values())
+        # A machine being finished holds quota only while the cloud still lists it.
+        used = sum(machine.processors for machine in executor.machines.values()
+                   if machine.state is not MachineState.FINISHING or machine.uuid in self.listed)
         if used + action.processors > self.limit:
             return f"{used} of the limit {self.limit} processors in use"
         return None
@@ -375,7 +378,7 @@ class SpaceWorker:
 
     def plan(self, listed: tuple[vcycleplan.Listed, ...], quota: Any, now: float) -> vcycleplan.Plan:
         executor = self.executor
-        listed_uuids = {machine.uuid for machine in listed}
+        listed_uuids = self.listed = {machine.uuid for machine in listed}
         for machine in listed:
             if machine.state.active:
                 self.last_seen[machine.uuid] = now
