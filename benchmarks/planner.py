@@ -1,6 +1,6 @@
 """Planning time of vac.core.scheduler.plan (target: < 20 ms for 64 slots × 20 machinetypes × 500 peers).
 
-Run: /work/venv/bin/python benchmarks/planner.py [--repeat N]
+Run: .venv/bin/python benchmarks/planner.py [--repeat N]
 
 Cases, all measured in this run:
   smallest    1 slot, 1 machinetype, 1 report

@@ -1,7 +1,7 @@
 """Wall time of ``vac simulate`` for one simulated day of 1,000 factories × 64 processors × 10
 machinetypes (etc/simulate/ten-types.ini), with a small space as baseline in the same run.
 
-Run: /work/venv/bin/python benchmarks/simulate.py [--factories N] [--small N] [--duration D]
+Run: .venv/bin/python benchmarks/simulate.py [--factories N] [--small N] [--duration D]
 
 Printed per case: wall and CPU seconds, events, planner calls (and planning requests skipped
 because a factory was full), the share of the time spent inside vac.core.scheduler.plan, microseconds

@@ -9,7 +9,7 @@ Targets (ARCHITECTURE.md §8):
 Run as root with libvirtd up (``scripts/testbed-up``) and the test guest built
 (``scripts/build-guest.sh guest``)::
 
-    /work/venv/bin/python benchmarks/turnaround.py [--cycles 8] [--slots 1] [--bare-samples 5]
+    .venv/bin/python benchmarks/turnaround.py [--cycles 8] [--slots 1] [--bare-samples 5]
 
 What runs, in this order, on one isolated libvirt network ``vactest-<pid>-bench`` (only one
 network on 169.254.0.0/16 can exist on a host, TESTBED.md P6: the benchmark waits while another
