@@ -10,18 +10,19 @@ import pytest
 
 from vac.cli import vcycle
 
-NOW = time.time()
-
 
 def write_status(state: Path, space: str, **extra) -> None:
+    """A status file written just now (the commands compare its times with the real clock, so
+    they must not be taken when the test module was collected, minutes before it runs)."""
+    now = time.time()
     status = {
-        "space": space, "api": "ec2", "manager": "vcycle.example.org", "updated": NOW - 5,
+        "space": space, "api": "ec2", "manager": "vcycle.example.org", "updated": now - 5,
         "backed_off_until": None, "error": None, "processors_limit": 10,
         "machines": [{"name": "vcycle-lhcb-aaaaaaaaaa", "machinetype": "lhcb", "state": "running",
-                      "processors": 2, "created": NOW - 600, "started": NOW - 500, "hs06": None,
+                      "processors": 2, "created": now - 600, "started": now - 500, "hs06": None,
                       "shutdown_message": None}],
         "machinetypes": {"lhcb": {"target_share": 1.0, "score": 2.0, "blocked_by": None,
-                                  "last_abort": {"time": NOW - 60, "message": "300 Nothing to do\x1b[2J",
+                                  "last_abort": {"time": now - 60, "message": "300 Nothing to do\x1b[2J",
                                                  "machine": "vcycle-lhcb-bbbbbbbbbb"}}},
         **extra}
     (state / "spaces" / space).mkdir(parents=True)
@@ -36,7 +37,7 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 def test_tables_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_status(tmp_path, "a.example.org")
-    write_status(tmp_path, "b.example.org", backed_off_until=NOW + 300, error="DescribeInstances: 503")
+    write_status(tmp_path, "b.example.org", backed_off_until=time.time() + 300, error="DescribeInstances: 503")
     code, out, _ = run(capsys, "spaces", "--state-dir", str(tmp_path))
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["SPACE", "API", "MACHINES", "PROCESSORS", "LIMIT", "UPDATED", "STATE"]
