@@ -600,16 +600,12 @@ def main(argv: Optional[list] = None) -> int:
     paths = configmod.ConfigPaths.from_args(args)
     if args.check_config:
         return report_config(paths, problems_only=True)
-    from vac.ops.logsetup import setup_logging
+    from vac.ops.logsetup import start_daemon_logging
 
     if args.daemon and not args.log_file:
         args.log_file = DEFAULT_DAEMON_LOG  # a detached daemon has no stderr to write to
-    try:
-        setup_logging(args.log_file, logging.DEBUG if args.debug else logging.INFO, args.log_format)
-    except OSError as error:
-        print(f"vacd: cannot open log file: {error}", file=sys.stderr)
+    if not start_daemon_logging("vacd", args.log_file, args.debug, args.log_format):
         return 1
-    os.umask(0o022)
     if args.daemon:
         from vac.ops.daemonize import DaemonizeError, daemonize
 

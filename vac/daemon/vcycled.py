@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import random
 import secrets
 import signal
@@ -640,14 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    from vac.ops.logsetup import setup_logging
+    from vac.ops.logsetup import start_daemon_logging
 
-    try:
-        setup_logging(args.log_file, logging.DEBUG if args.debug else logging.INFO, args.log_format)
-    except OSError as error:
-        print(f"vcycled: cannot open log file: {error}", file=sys.stderr)
+    if not start_daemon_logging("vcycled", args.log_file, args.debug, args.log_format):
         return 1
-    os.umask(0o022)
     try:
         asyncio.run(Vcycled(args).run())
     except SystemExit as error:

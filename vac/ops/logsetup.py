@@ -118,3 +118,15 @@ def setup_logging(
     root.setLevel(level)
     _installed = handler
     return handler
+
+
+def start_daemon_logging(program: str, log_file: Optional[str], debug: bool, log_format: str) -> bool:
+    """A daemon's logging from its command-line options, then its umask; False (after one line
+    on stderr) when the log file cannot be opened."""
+    try:
+        setup_logging(log_file, logging.DEBUG if debug else logging.INFO, log_format)
+    except OSError as error:
+        print(f"{program}: cannot open log file: {error}", file=sys.stderr)
+        return False
+    os.umask(0o022)
+    return True
