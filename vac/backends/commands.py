@@ -13,6 +13,7 @@ library: anything that may import a backend may import it.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from collections.abc import Sequence
 from typing import Callable
@@ -38,5 +39,15 @@ def run_command(argv: Sequence[str], timeout: float = 120.0) -> str:
         raise CommandError(f"{argv[0]}: {error}") from error
     if result.returncode != 0:
         detail = result.stderr.strip() or result.stdout.strip() or "no output"
-        raise CommandError(f"{' '.join(argv)} failed with status {result.returncode}: {detail}")
+        raise CommandError(f"{_brief(argv)} failed with status {result.returncode}: "
+                           f"{detail[-MAX_DETAIL_CHARS:]}")
     return result.stdout
+
+
+MAX_COMMAND_CHARS = 200  # a container's run command has dozens of options: keep log lines short
+MAX_DETAIL_CHARS = 500
+
+
+def _brief(argv: Sequence[str]) -> str:
+    text = shlex.join(argv)
+    return text if len(text) <= MAX_COMMAND_CHARS else text[:MAX_COMMAND_CHARS] + " ..."

@@ -12,7 +12,6 @@ import os
 import resource
 import shlex
 import shutil
-import subprocess
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional
 
 from vac.backends import scratch as scratch_disk
 from vac.backends.base import BackendError
+from vac.backends.commands import CommandError, run_command
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
 
@@ -146,15 +146,8 @@ def cvmfs_paths(cvmfs_root: str, repositories: Sequence[str]) -> list[str]:
 
 
 def run(argv: Sequence[str], timeout: float = 60.0) -> str:
-    """Run ``argv`` (never through a shell); return stdout, or raise BackendError with stderr."""
+    """``vac.backends.commands.run_command`` with its failure as the seam's BackendError."""
     try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                                check=False, stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, LC_ALL="C"))
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise BackendError(f"{argv[0]}: {error}") from error
-    if result.returncode != 0:
-        detail = result.stderr.strip() or result.stdout.strip() or "no output"
-        raise BackendError(f"{shlex.join(argv[:3])} ... failed with status {result.returncode}: "
-                           f"{detail[-500:]}")
-    return result.stdout
+        return run_command(argv, timeout)
+    except CommandError as error:
+        raise BackendError(str(error)) from error
