@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import queue
 import shutil
 import subprocess
 import tarfile
+import time
 from typing import Optional
 
 BUSYBOX = "/bin/busybox"
@@ -71,3 +74,34 @@ def busybox_image(engine: str = "podman", repository: str = IMAGE_REPOSITORY) ->
     subprocess.run([engine, "import", "-", image], input=_rootfs_tar(busybox, applets),
                    capture_output=True, timeout=300, check=True)
     return image
+
+
+def require_container_tier(reason: str) -> None:
+    """With a reason the tier cannot run: fail where it is required (CI, VAC_REQUIRE_CONTAINER=1),
+    skip elsewhere."""
+    import pytest
+
+    if reason:
+        if os.environ.get("VAC_REQUIRE_CONTAINER") == "1":
+            pytest.fail(f"container tier required but {reason}")
+        pytest.skip(reason)
+
+
+def podman_image() -> str:
+    """The busybox test image, once podman and root are known to be there."""
+    require_container_tier(engine_available("podman") if os.geteuid() == 0 else "needs root")
+    return busybox_image("podman")
+
+
+def wait_reported(stopped: queue.Queue, uuid: str, seconds: float) -> None:
+    """Until a backend's on_stopped has put ``uuid`` in ``stopped`` (others are passed over)."""
+    import pytest
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if stopped.get(timeout=max(0.1, deadline - time.monotonic())) == uuid:
+                return
+        except queue.Empty:
+            break
+    pytest.fail(f"no stopped report for {uuid} within {seconds} s")

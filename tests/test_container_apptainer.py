@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerimage import BUSYBOX, _rootfs_tar
+from tests.containerimage import BUSYBOX, _rootfs_tar, wait_reported
 from vac.backends.base import BackendError
 from vac.backends.container.apptainer import (
     ApptainerBackend,
@@ -141,14 +141,7 @@ class Factory:
         return machine, directory
 
     def wait_stopped(self, uuid: str) -> None:
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                if self.stopped.get(timeout=max(0.1, deadline - time.monotonic())) == uuid:
-                    return
-            except queue.Empty:
-                break
-        pytest.fail(f"no stopped report for {uuid} within {WAIT_SECONDS} s")
+        wait_reported(self.stopped, uuid, WAIT_SECONDS)
 
     def close(self) -> None:
         for backend in self.backends:

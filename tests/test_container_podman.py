@@ -8,7 +8,6 @@ Without podman or root the tier is skipped, or fails when VAC_REQUIRE_CONTAINER=
 
 from __future__ import annotations
 
-import os
 import queue
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerimage import busybox_image, engine_available
+from tests.containerimage import podman_image, wait_reported
 from vac.backends.base import BackendError
 from vac.backends.container.cgroups import Cgroups
 from vac.backends.container.engine import EngineBackend, container_name
@@ -33,12 +32,7 @@ WAIT_SECONDS = 60.0
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    reason = engine_available("podman") if os.geteuid() == 0 else "needs root"
-    if reason:
-        if os.environ.get("VAC_REQUIRE_CONTAINER") == "1":
-            pytest.fail(f"container tier required but {reason}")
-        pytest.skip(reason)
-    return busybox_image("podman")
+    return podman_image()
 
 
 class Factory:
@@ -92,14 +86,7 @@ class Factory:
         return machine, machinetype, directory
 
     def wait_stopped(self, uuid: str) -> None:
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                if self.stopped.get(timeout=max(0.1, deadline - time.monotonic())) == uuid:
-                    return
-            except queue.Empty:
-                break
-        pytest.fail(f"no stopped event for {uuid} within {WAIT_SECONDS} s")
+        wait_reported(self.stopped, uuid, WAIT_SECONDS)
 
     def close(self) -> None:
         for backend in self.backends:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.containerimage import require_container_tier
 from tests.test_container_podman import Factory, image  # noqa: F401 (the image fixture)
 from vac.backends import scratch
 from vac.backends.base import BackendError
@@ -187,10 +188,7 @@ def test_a_mount_that_stays_busy_is_left_and_reported(tmp_path):
 def needs_root() -> None:
     reason = "needs root" if os.geteuid() != 0 else (
         "no loop devices" if not Path("/dev/loop-control").exists() else "")
-    if reason:
-        if os.environ.get("VAC_REQUIRE_CONTAINER") == "1":
-            pytest.fail(f"container tier required but {reason}")
-        pytest.skip(reason)
+    require_container_tier(reason)
 
 
 def force_cleanup(uuid: str, directory: Path) -> None:

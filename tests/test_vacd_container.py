@@ -28,7 +28,7 @@ from typing import Optional
 
 import pytest
 
-from tests.containerimage import busybox_image, engine_available
+from tests.containerimage import podman_image
 
 pytestmark = pytest.mark.container
 WAIT_SECONDS = 120.0
@@ -76,12 +76,7 @@ echo "200 Success" > $JOBOUTPUTS/shutdown_message
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    reason = engine_available("podman") if os.geteuid() == 0 else "needs root"
-    if reason:
-        if os.environ.get("VAC_REQUIRE_CONTAINER") == "1":
-            pytest.fail(f"container tier required but {reason}")
-        pytest.skip(reason)
-    return busybox_image("podman")
+    return podman_image()
 
 
 def free_udp_port() -> int:
