@@ -29,9 +29,9 @@ from typing import Optional
 import pytest
 
 from tests.containerimage import podman_image
+from tests.vacdprocess import VacdProcess
 
 pytestmark = pytest.mark.container
-WAIT_SECONDS = 120.0
 STOP_GRACE_SECONDS = 2
 BURN_TICKS = 300  # CPU time the user_data burns in its own shell, in clock ticks (3 s at 100 Hz)
 
@@ -97,19 +97,14 @@ def container_running(uuid: str) -> Optional[bool]:
     return None if result.returncode != 0 else result.stdout.strip() == "true"
 
 
-class Vacd:
-    """One vacd process with its configuration, state directory and log."""
+class Vacd(VacdProcess):
+    """One vacd process with a podman machinetype."""
 
     def __init__(self, root: Path, image: str, user_data: str, machinetype: str = "",
                  settings: str = ""):
-        self.root = root
+        super().__init__(root)
         self.name = f"vacd{uuidmod.uuid4().hex[:10]}.test.invalid"
-        self.state = root / "state"
-        self.log = root / "vacd.log"
-        self.conf_dir = root / "vac.d"
-        self.conf_dir.mkdir()
         self.vacquery_port = free_udp_port()
-        self.process: Optional[subprocess.Popen] = None
         (root / "user_data").write_text(user_data)
         (self.conf_dir / "10-test.conf").write_text(f"""
 [settings]
@@ -141,61 +136,9 @@ fizzle_seconds = 1
         (self.conf_dir / "15-scenario.conf").write_text(
             f"[settings]\n{settings}\n[machinetype busy]\n{machinetype}\n")
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vac.daemon.vacd", "--conf-dir", str(self.conf_dir),
-             "--conf", str(self.root / "absent.conf"), "--run-conf", str(self.root / "run.conf"),
-             "--log-file", str(self.log), "--debug"], stdin=subprocess.DEVNULL)
-
-    def kill(self, signum: int = signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
-            self.process.wait(timeout=30)
-        self.process = None
-
     def drain(self) -> None:
         """No new machine from the next plan on (the run-time file)."""
         (self.root / "run.conf").write_text("[settings]\ndraining = yes\n")
-
-    def records(self) -> list[dict]:
-        found = []
-        for path in sorted((self.state / "machines").glob("*/machine.json")):
-            try:
-                found.append(json.loads(path.read_text())["machine"] | {"dir": path.parent})
-            except (OSError, ValueError):
-                continue  # being replaced right now
-        return found
-
-    def machines_in(self, state: str, uuid: Optional[str] = None) -> list[dict]:
-        return [record for record in self.records()
-                if record["state"] == state and uuid in (None, record["uuid"])]
-
-    def wait_for(self, what: str, predicate, timeout: float = WAIT_SECONDS):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                pytest.fail(f"vacd exited with {self.process.returncode} while waiting for "
-                            f"{what}:\n{self.log_text()}")
-            result = predicate()
-            if result:
-                return result
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what}:\n{self.log_text()}")
-
-    def log_text(self, tail: int = 6000) -> str:
-        try:
-            return self.log.read_text()[-tail:]
-        except OSError:
-            return "(no log)"
-
-    def apel_records(self, uuid: str) -> list[dict]:
-        """The fields of every archived APEL record of machine ``uuid``."""
-        found = []
-        for path in (self.state / "apel-archive").rglob("*"):
-            text = path.read_text() if path.is_file() else ""
-            if uuid in text:
-                found.append(dict(line.split(": ", 1) for line in text.splitlines() if ": " in line))
-        return found
 
     def vacquery_machines(self) -> list[dict]:
         """This factory's machine_status messages, through VacQuery as ``vac machines`` asks."""
@@ -267,7 +210,7 @@ def test_vacd_runs_a_podman_machine_to_its_end_and_accounts_its_cpu_once(make_va
     assert burned <= int(fields["CpuDuration"]) + 1
     assert int(fields["CpuDuration"]) <= int(fields["WallDuration"]) + 1
     assert fields["LocalJobId"] == first["uuid"]
-    log = vacd.log_text(0)
+    log = vacd.log_text()
     assert "the libvirt backend" not in log and "powered off" not in log
     assert "the metadata and MJF services are not started" in log
     assert f"{finished['name']} (busy) ended" in log
@@ -278,7 +221,7 @@ def test_no_more_work_backs_the_machinetype_off(make_vacd):
     vacd.start()
     first = vacd.wait_for("a finished machine", lambda: vacd.machines_in("finished"))[0]
     assert first["shutdown_message"] == "300 No more work"
-    vacd.wait_for("the backoff in the log", lambda: "backoff" in vacd.log_text(0), timeout=30)
+    vacd.wait_for("the backoff in the log", lambda: "backoff" in vacd.log_text(), timeout=30)
     # Several plans and reconciles (every 2 s) later, still nothing new of that type.
     time.sleep(6)
     assert [r["uuid"] for r in vacd.records()] == [first["uuid"]]
@@ -309,7 +252,7 @@ def test_a_container_past_its_wallclock_is_stopped_on_time(make_vacd, record_pro
     assert 0 < record["stop_requested"] - record["deadline"] <= 2, record
     # It left on SIGTERM with its own message, within the grace period.
     assert record["shutdown_message"] == "200 Stopped by SIGTERM"
-    assert "passed its deadline" in vacd.log_text(0)
+    assert "passed its deadline" in vacd.log_text()
     record_property("timing", f"stop requested {record['stop_requested'] - record['deadline']:.2f}"
                               f" s after the deadline, finished "
                               f"{record['finished'] - record['deadline']:.2f} s after")
@@ -324,7 +267,7 @@ def test_kill_9_and_restart_adopts_running_containers_and_accounts_each_once(mak
     vacd.start()
     vacd.wait_for("the adopted machine to finish",
                   lambda: vacd.machines_in("finished", running["uuid"]))
-    assert "recovered 1 live machines" in vacd.log_text(0)
+    assert "recovered 1 live machines" in vacd.log_text()
     vacd.wait_for("its APEL record", lambda: vacd.apel_records(running["uuid"]), timeout=10)
     later = vacd.wait_for("a second machine", lambda: [
         r for r in vacd.machines_in("running") if r["uuid"] != running["uuid"]])[0]
@@ -351,7 +294,7 @@ def test_a_labelled_container_without_a_record_is_removed_as_a_zombie(make_vacd,
     vacd = make_vacd(SLOW_SCRIPT)
     vacd.drain()  # only the zombie runs
     vacd.start()
-    vacd.wait_for("vacd ready", lambda: "ready: factory" in vacd.log_text(0), timeout=30)
+    vacd.wait_for("vacd ready", lambda: "ready: factory" in vacd.log_text(), timeout=30)
     zombie = str(uuidmod.uuid4())
     nofile, nproc = process_ulimits()
     started = podman("run", "--detach", "--runtime", "runc", "--name", f"vac-{zombie}",
@@ -360,7 +303,7 @@ def test_a_labelled_container_without_a_record_is_removed_as_a_zombie(make_vacd,
                      "--network", "none", "--", image, "sleep", "1000")
     assert started.returncode == 0, started.stderr
     vacd.wait_for("the zombie removed", lambda: container_running(zombie) is None, timeout=30)
-    assert f"destroying zombie machine vac-{zombie} ({zombie})" in vacd.log_text(0)
+    assert f"destroying zombie machine vac-{zombie} ({zombie})" in vacd.log_text()
     assert vacd.records() == []
 
 

@@ -8,7 +8,6 @@ joboutputs, the APEL archive and the logs. At most two guests run at once; every
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,17 +16,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import libvirt
 import pytest
 
 from tests.qemu_cpu import QemuCpuWatcher
+from tests.vacdprocess import WAIT_SECONDS, VacdProcess
 
 pytestmark = pytest.mark.system
 
 FACTORY = "vacd-test.example.org"
-BOOT_SECONDS = 120  # generous: TCG boots take ~5-10 s, slower when the machine is busy
 
 GOOD_SCRIPT = """#!/bin/sh
 vac-put heartbeat alive
@@ -61,17 +59,12 @@ vac-put shutdown_message "200 Burned {BURN_SECONDS} s"
 STOP_GRACE_SECONDS = 3
 
 
-class Vacd:
-    """One vacd process with its configuration, state directory and log."""
+class Vacd(VacdProcess):
+    """One vacd process with a machinetype of real VMs."""
 
     def __init__(self, tmp_path: Path, guest, names, machinetype_options: str, *,
                  processors: int = 1, port: int = 19995, settings: str = ""):
-        self.tmp = tmp_path
-        self.state = tmp_path / "state"
-        self.conf_dir = tmp_path / "vac.d"
-        self.conf_dir.mkdir(exist_ok=True)
-        self.log = tmp_path / "vacd.log"
-        self.process = None
+        super().__init__(tmp_path)
         (tmp_path / "user_data").write_text(machinetype_options.split("\n#SCRIPT\n")[1])
         options = machinetype_options.split("\n#SCRIPT\n")[0]
         (self.conf_dir / "10-test.conf").write_text(f"""
@@ -111,68 +104,12 @@ user_data = {tmp_path}/user_data
         if settings:  # a later fragment: its values replace those above
             (self.conf_dir / "20-settings.conf").write_text(f"[settings]\n{settings}\n")
 
-    def start(self) -> None:
-        argv = [sys.executable, "-m", "vac.daemon.vacd", "--conf-dir", str(self.conf_dir),
-                "--conf", str(self.tmp / "absent.conf"), "--run-conf", str(self.tmp / "run.conf"),
-                "--log-file", str(self.log), "--debug"]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-
     def vac_command(self, *arguments: str) -> list[str]:
-        return [sys.executable, "-m", "vac.cli.main", "--conf-dir", str(self.conf_dir),
-                "--conf", str(self.tmp / "absent.conf"), "--run-conf", str(self.tmp / "run.conf"),
-                *arguments]
-
-    def kill(self, signum=signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
-            self.process.wait(timeout=30)
-        self.process = None
-
-    def records(self) -> list[dict]:
-        found = []
-        for path in sorted((self.state / "machines").glob("*/machine.json")):
-            try:
-                found.append(json.loads(path.read_text())["machine"] | {"dir": str(path.parent)})
-            except (OSError, ValueError):
-                continue  # being replaced right now
-        return found
-
-    def wait_for(self, what: str, predicate, timeout: float = BOOT_SECONDS):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                pytest.fail(f"vacd exited with {self.process.returncode} while waiting for "
-                            f"{what}:\n{self.log_text(6000)}")
-            result = predicate()
-            if result:
-                return result
-            time.sleep(0.3)
-        pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{self.log_text(6000)}")
-
-    def log_text(self, tail: int = 0) -> str:
-        try:
-            text = self.log.read_text()
-        except OSError:
-            return "(no log)"
-        return text[-tail:] if tail else text
-
-    def machines_in(self, state: str) -> list[dict]:
-        return [record for record in self.records() if record["state"] == state]
+        return [sys.executable, "-m", "vac.cli.main", *self.config_options(), *arguments]
 
     def shutdown_message(self, record: dict):
         path = Path(record["dir"]) / "joboutputs" / "shutdown_message"
         return path.read_text() if path.exists() else None
-
-    def apel_records(self) -> list[str]:
-        return sorted(str(path) for path in (self.state / "apel-archive").rglob("*") if path.is_file())
-
-    def apel_fields(self, uuid: str) -> Optional[dict]:
-        """The ``Key: value`` fields of the archived APEL record of machine ``uuid``, or None."""
-        for path in self.apel_records():
-            text = Path(path).read_text()
-            if uuid in text:
-                return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
-        return None
 
 
 @pytest.fixture
@@ -215,8 +152,8 @@ def test_a_vm_runs_finishes_cleanly_and_the_slot_is_reused(vacd_factory):
     console = (Path(first["dir"]) / "console.log").read_text(errors="replace")
     assert "GUEST" in console
     # Exactly one APEL record for it, and the same slot runs the next machine.
-    vacd.wait_for("an APEL archive record", vacd.apel_records, timeout=10)
-    assert sum(first["uuid"] in Path(path).read_text() for path in vacd.apel_records()) == 1
+    vacd.wait_for("an APEL archive record", vacd.apel_paths, timeout=10)
+    assert sum(first["uuid"] in Path(path).read_text() for path in vacd.apel_paths()) == 1
     second = vacd.wait_for("the next machine in slot 0", lambda: [
         r for r in vacd.records() if r["uuid"] != first["uuid"] and r["slot"] == 0])[0]
     assert second["machinetype"] == "test"
@@ -264,13 +201,13 @@ def test_a_busy_guest_is_accounted_all_the_cpu_qemu_used(vacd_factory, record_pr
     vacd.start()
     running = vacd.wait_for("a running machine", lambda: vacd.machines_in("running"))[0]
     uuid = running["uuid"]
-    qemu = QemuCpuWatcher(f"{running['name']}-{uuid[:8]}", timeout=BOOT_SECONDS + BURN_SECONDS)
+    qemu = QemuCpuWatcher(f"{running['name']}-{uuid[:8]}", timeout=WAIT_SECONDS + BURN_SECONDS)
     finished = vacd.wait_for("the busy machine to finish", lambda: [
         r for r in vacd.machines_in("finished") if r["uuid"] == uuid],
-        timeout=BOOT_SECONDS + BURN_SECONDS)[0]
+        timeout=WAIT_SECONDS + BURN_SECONDS)[0]
     assert vacd.shutdown_message(finished) == f"200 Burned {BURN_SECONDS} s"
     used = qemu.total()
-    fields = vacd.wait_for("its APEL record", lambda: vacd.apel_fields(uuid), timeout=10)
+    fields = vacd.wait_for("its APEL record", lambda: vacd.apel_records(uuid), timeout=10)[0]
     accounted = int(fields["CpuDuration"])
     assert accounted >= 1
     assert abs(accounted - used) <= 0.1 * used, (accounted, used, finished["cpu_seconds"])
@@ -305,13 +242,13 @@ def test_kill_9_and_restart_adopts_running_vms_and_accounts_each_once(vacd_facto
     vacd.wait_for("the adopted machine to finish", lambda: [
         r for r in vacd.machines_in("finished") if r["uuid"] == running["uuid"]])
     assert "recovered 1 live machines" in vacd.log_text()
-    vacd.wait_for("its APEL record", lambda: [p for p in vacd.apel_records()
+    vacd.wait_for("its APEL record", lambda: [p for p in vacd.apel_paths()
                                               if running["uuid"] in Path(p).read_text()], timeout=10)
     later = vacd.wait_for("a second machine", lambda: [
         r for r in vacd.machines_in("running") if r["uuid"] != running["uuid"]])[0]
     # Kill -9 again; this VM finishes while vacd is down, and is finished once after restart.
     vacd.kill()
-    deadline = time.monotonic() + BOOT_SECONDS
+    deadline = time.monotonic() + WAIT_SECONDS
     conn = libvirt.open("qemu:///system")
     try:
         while time.monotonic() < deadline:
@@ -327,7 +264,7 @@ def test_kill_9_and_restart_adopts_running_vms_and_accounts_each_once(vacd_facto
     vacd.wait_for("the machine that ended while vacd was down to be finished", lambda: [
         r for r in vacd.machines_in("finished") if r["uuid"] == later["uuid"]])
     time.sleep(4)
-    records = {path: Path(path).read_text() for path in vacd.apel_records()}
+    records = {path: Path(path).read_text() for path in vacd.apel_paths()}
     for uuid in (running["uuid"], later["uuid"]):
         assert sum(uuid in text for text in records.values()) == 1
 
