@@ -13,7 +13,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid as uuidlib
 from pathlib import Path
+
+from vac.core.cloud import machine_name
+from vac.core.model import Machine
 
 START_SECONDS = 60.0
 
@@ -66,3 +70,17 @@ class MotoServer:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self._log.close()
+
+
+USER_DATA = b"#!/bin/sh\necho hello\n"
+
+
+def new_machine(directory: Path, user_data: bytes = USER_DATA) -> tuple[Machine, Path]:
+    """A vcycle machine record with its directory holding ``user_data``, as vcycled prepares it."""
+    name = machine_name("lhcb")
+    machine = Machine(uuid=str(uuidlib.uuid4()), name=name, slot=0, machinetype="lhcb",
+                      machine_model="vm-raw", processors=1, created=1.8e9, deadline=1.8e9 + 86400)
+    machine_dir = directory / name
+    machine_dir.mkdir()
+    (machine_dir / "user_data").write_bytes(user_data)
+    return machine, machine_dir

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import base64
 import logging
-import uuid as uuidlib
 from pathlib import Path
 
 import boto3
 import pytest
 
-from tests.cloudservers import MotoServer, free_port
+from tests.cloudservers import USER_DATA, MotoServer, free_port, new_machine
 from vac.backends.base import BackendError
 from vac.backends.cloud.common import Quota
 from vac.backends.cloud.ec2 import EC2Backend
-from vac.core.cloud import CloudState, machine_name
+from vac.core.cloud import CloudState
 from vac.core.config import Machinetype, Settings
-from vac.core.model import Machine
 from vac.core.vcycleconfig import CloudMachinetype, Space
 
 pytestmark = pytest.mark.cloud
@@ -26,13 +24,6 @@ SECRET_KEY = "vcycle-secret-key-never-logged-3f9a"
 SETTINGS = Settings(vac_space="ec2.example.org", factory_name="vcycle.example.org")
 PUBLIC_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq6kK0kJcsV0m0x3E3XhZbqzJ8fQvH7k4q5Jb1n2t3r "
               "root@vcycle\n")
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory):
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -63,16 +54,6 @@ def make_space(url: str, tmp_path: Path, *, image: str, name: str = "ec2.example
                  machinetypes={"lhcb": CloudMachinetype(machinetype, root_public_key=str(key_path) if key else None)})
 
 
-def new_machine(directory: Path, user_data: bytes = b"#!/bin/sh\necho hello\n") -> tuple[Machine, Path]:
-    name = machine_name("lhcb")
-    machine = Machine(uuid=str(uuidlib.uuid4()), name=name, slot=0, machinetype="lhcb",
-                      machine_model="vm-raw", processors=1, created=1.8e9, deadline=1.8e9 + 86400)
-    machine_dir = directory / name
-    machine_dir.mkdir()
-    (machine_dir / "user_data").write_bytes(user_data)
-    return machine, machine_dir
-
-
 def test_life_cycle_create_list_user_data_and_terminate(endpoint: str, tmp_path: Path) -> None:
     space = make_space(endpoint, tmp_path, image=an_image(endpoint))
     backend = EC2Backend(space)
@@ -94,7 +75,7 @@ def test_life_cycle_create_list_user_data_and_terminate(endpoint: str, tmp_path:
 
     client = ec2_client(endpoint)
     attribute = client.describe_instance_attribute(InstanceId=found.cloud_id, Attribute="userData")
-    assert base64.b64decode(attribute["UserData"]["Value"]) == b"#!/bin/sh\necho hello\n"
+    assert base64.b64decode(attribute["UserData"]["Value"]) == USER_DATA
     instance = client.describe_instances(InstanceIds=[found.cloud_id])["Reservations"][0]["Instances"][0]
     tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
     assert tags["Name"] == machine.name and tags["vcycle_space"] == space.name

@@ -10,22 +10,20 @@ import base64
 import dataclasses
 import logging
 import os
-import uuid as uuidlib
 from pathlib import Path
 
 import openstack
 import pytest
 
 from tests import openstack_emulator as emu
-from tests.cloudservers import free_port
+from tests.cloudservers import USER_DATA, free_port, new_machine
 from tests.localhttp import LocalHTTPServer, Route, tls_server_context
 from tests.openstack_emulator import OpenStackEmulator
 from vac.backends.base import BackendError
 from vac.backends.cloud.common import Quota
 from vac.backends.cloud.openstack import OpenStackBackend
-from vac.core.cloud import CloudState, machine_name
+from vac.core.cloud import CloudState
 from vac.core.config import Machinetype, Settings
-from vac.core.model import Machine
 from vac.core.vcycleconfig import CloudMachinetype, Space
 from vac.daemon.machines import MachineWorks
 from vac.records.store import Store
@@ -99,16 +97,6 @@ def make_space(emulator: OpenStackEmulator, tmp_path: Path, **changes) -> Space:
     return Space(**values)
 
 
-def new_machine(directory: Path, user_data: bytes = b"#cloud-config\n") -> tuple[Machine, Path]:
-    name = machine_name("lhcb")
-    machine = Machine(uuid=str(uuidlib.uuid4()), name=name, slot=0, machinetype="lhcb",
-                      machine_model="vm-raw", processors=1, created=1.8e9, deadline=1.8e9 + 86400)
-    machine_dir = directory / name
-    machine_dir.mkdir()
-    (machine_dir / "user_data").write_bytes(user_data)
-    return machine, machine_dir
-
-
 def test_life_cycle(emulator: OpenStackEmulator, tmp_path: Path) -> None:
     space = make_space(emulator, tmp_path, zones=("az1",), security_groups=("vcycle",),
                        network_uuid="net-1")
@@ -121,7 +109,7 @@ def test_life_cycle(emulator: OpenStackEmulator, tmp_path: Path) -> None:
 
     [server] = emulator.servers.values()
     assert server["name"] == machine.name and server["flavor"]["id"] == "2"  # first fitting name
-    assert emulator.user_data[server["id"]] == b"#cloud-config\n"
+    assert emulator.user_data[server["id"]] == USER_DATA
     assert server["metadata"] == {"cern-services": "false", "name": machine.name, "machinetype": "lhcb",
                                   "vcycle_uuid": machine.uuid, "vcycle_space": space.name}
     assert server["OS-EXT-AZ:availability_zone"] == "az1"

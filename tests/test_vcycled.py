@@ -128,13 +128,6 @@ def play_machine(user_data: str, context: ssl.SSLContext, message: bytes = b"200
 # --- EC2 (moto) ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory):
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def ec2(moto: MotoServer):
     moto.reset()
