@@ -117,6 +117,60 @@ def test_lists_only_this_spaces_and_classic_machines(endpoint: str, tmp_path: Pa
     assert backend.list_machines() == []
 
 
+def described_ids(backend: EC2Backend) -> list:
+    """The instance IDs of each DescribeInstances call the backend's own client makes."""
+    calls: list = []
+
+    def record(params: dict, **_: object) -> None:
+        calls.append([value for each in params.get("Filters", []) if each["Name"] == "instance-id"
+                      for value in each["Values"]])
+
+    backend._client.meta.events.register("before-parameter-build.ec2.DescribeInstances", record)
+    return calls
+
+
+def test_steady_listing_describes_only_new_instances(endpoint: str, tmp_path: Path) -> None:
+    space = make_space(endpoint, tmp_path, image=an_image(endpoint), key=False)
+    backend = EC2Backend(space)
+    backend.connect()
+    calls = described_ids(backend)
+    machinetype = space.machinetypes["lhcb"].machinetype
+    first, first_directory = new_machine(tmp_path)
+    backend.create(first, machinetype, SETTINGS, first_directory)
+    [listed] = backend.list_machines()
+    assert listed.uuid == first.uuid and listed.address and listed.zone == "us-east-1a"
+    assert calls == [[listed.cloud_id]]
+
+    assert [found.uuid for found in backend.list_machines()] == [first.uuid]
+    assert len(calls) == 1  # states only: nothing new to describe
+    second, second_directory = new_machine(tmp_path)
+    backend.create(second, machinetype, SETTINGS, second_directory)
+    listed = {found.uuid: found for found in backend.list_machines()}
+    assert set(listed) == {first.uuid, second.uuid} and calls[1] == [listed[second.uuid].cloud_id]
+
+    # Terminated behind vcycled's back: gone from the listing and from what is remembered.
+    ec2_client(endpoint).terminate_instances(InstanceIds=[listed[first.uuid].cloud_id])
+    assert [found.uuid for found in backend.list_machines()] == [second.uuid]
+    assert len(calls) == 2
+
+
+def test_instance_terminated_between_status_and_describe(endpoint: str, tmp_path: Path) -> None:
+    space = make_space(endpoint, tmp_path, image=an_image(endpoint), key=False)
+    backend = EC2Backend(space)
+    backend.connect()
+    machine, directory = new_machine(tmp_path)
+    backend.create(machine, space.machinetypes["lhcb"].machinetype, SETTINGS, directory)
+    backend2 = EC2Backend(space)
+    backend2.connect()
+    instance_id = backend.listed_ids()[machine.uuid]
+
+    def terminate_first(params: dict, **_: object) -> None:
+        ec2_client(endpoint).terminate_instances(InstanceIds=[instance_id])
+
+    backend2._client.meta.events.register("before-parameter-build.ec2.DescribeInstances", terminate_first)
+    assert backend2.list_machines() == []  # no InvalidInstanceID.NotFound for the whole listing
+
+
 def test_cloud_refusals_are_backend_errors(endpoint: str, tmp_path: Path) -> None:
     space = make_space(endpoint, tmp_path, image="ami-00000000")
     backend = EC2Backend(space)
@@ -143,7 +197,7 @@ def test_unreachable_endpoint_is_a_backend_error(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     backend = EC2Backend(make_space(url, tmp_path, image="ami-1", key=False), timeout=2, retries=1)
     backend.connect()
-    with pytest.raises(BackendError, match="DescribeInstances"):
+    with pytest.raises(BackendError, match="DescribeInstanceStatus"):
         backend.list_machines()
 
 

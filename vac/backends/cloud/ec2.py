@@ -6,8 +6,9 @@ checked, because an EC2-compatible cloud is not AWS.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_USER_DATA_BYTES = 16 * 1024  # EC2's limit, before base64
 MAX_PAGES = 1000
+DESCRIBE_BATCH = 200  # EC2 takes at most 200 values in one filter
 _TAG_NAME = "Name"  # the tag the EC2 console shows; classic Vcycle used "name"
 # Terminated instances stay listed for about an hour: the cloud leaves them out of the answer
 # (a busy account has many). Names are still checked here: classic machines only have "name".
@@ -54,6 +56,7 @@ class EC2Backend(ReleasedByDeletion):
         self._instances: dict[str, str] = {}  # machine uuid -> instance id
         self._vcpus: dict[str, Optional[int]] = {}  # instance type -> vCPUs (None: unknown)
         self._key_names: dict[str, str] = {}
+        self._described: dict[str, _Described] = {}  # instance id -> what does not change
 
     def connect(self) -> None:
         space = self.space
@@ -69,6 +72,7 @@ class EC2Backend(ReleasedByDeletion):
         except (botocore.exceptions.BotoCoreError, ValueError) as error:
             raise BackendError(f"space {space.name}: EC2 at {space.url}: {error}") from None
         self._vcpus = {}
+        self._described = {}
 
     def close(self) -> None:
         self._client = None
@@ -90,56 +94,86 @@ class EC2Backend(ReleasedByDeletion):
         return answer
 
     # --- listing ---------------------------------------------------------------------------
+    #
+    # A full DescribeInstances answer carries some 10 kB per instance, and most of it never
+    # changes while an instance lives. Each cycle lists only the states (DescribeInstanceStatus,
+    # a few hundred bytes each) and describes just the instances not seen before, or seen
+    # without an address yet; what is read once is kept in ``_described``.
+
+    def _pages(self, operation: str, what: str, key: str, **parameters: Any) -> list:
+        """Every item of a paginated answer's ``key`` list (an empty account may omit it)."""
+        items: list = []
+        for _ in range(MAX_PAGES):
+            answer = self._call(operation, what, **parameters)
+            items.extend(field(answer, key, list, what, optional=True) or [])
+            token = answer.get("NextToken")
+            if not token:
+                return items
+            parameters["NextToken"] = token
+        raise BackendError(f"space {self.space.name}: {what}: more than {MAX_PAGES} pages")
 
     def list_machines(self) -> list[CloudMachine]:
         """Every vcycle instance of this space that is not yet terminated."""
-        what = "DescribeInstances"
+        what = "DescribeInstanceStatus"
+        states: dict[str, tuple[str, Optional[str]]] = {}  # instance id -> state name, zone
+        for item in self._pages("describe_instance_status", what, "InstanceStatuses",
+                                IncludeAllInstances=True, MaxResults=1000, Filters=[_LIVE_STATES]):
+            instance_id = field(item, "InstanceId", str, what)
+            state = field(field(item, "InstanceState", dict, f"{what}: instance {instance_id}"),
+                          "Name", str, f"{what}: instance {instance_id}")
+            zone = item.get("AvailabilityZone")
+            states[instance_id] = (state, zone if isinstance(zone, str) else None)
+        unread = [instance_id for instance_id in states
+                  if instance_id not in self._described or self._described[instance_id].incomplete]
+        # A state read by the describe is the newer: an instance terminated meanwhile is left out.
+        for instance_id, state in self._describe(unread).items():
+            if instance_id in states:  # a cloud answering more than asked is not believed
+                states[instance_id] = (state, states[instance_id][1])
+        states = {key: value for key, value in states.items() if value[0] != "terminated"}
+        # Instances that are gone are forgotten; one not described yet (just created, and the
+        # cloud's listings not yet consistent) is looked at again next cycle.
+        self._described = {key: self._described[key] for key in states if key in self._described}
         machines = []
-        parameters: dict[str, Any] = {"MaxResults": 1000, "Filters": [_LIVE_STATES]}
-        for _ in range(MAX_PAGES):
-            answer = self._call("describe_instances", what, **parameters)
-            # An empty account may omit the list altogether (classic Vcycle crashed on that).
-            for reservation in field(answer, "Reservations", list, what, optional=True) or []:
-                for item in field(reservation, "Instances", list, what, optional=True) or []:
-                    machine = self._machine_of(item, what)
-                    if machine is not None:
-                        machines.append(machine)
-            token = answer.get("NextToken")
-            if not token:
-                break
-            parameters["NextToken"] = token
-        else:
-            raise BackendError(f"space {self.space.name}: {what}: more than {MAX_PAGES} pages")
+        for instance_id, (state_name, zone) in states.items():
+            described = self._described.get(instance_id)
+            if described is not None and described.name is not None:
+                machines.append(described.machine(instance_id, cloud.ec2_state(state_name), zone,
+                                                  self._type_vcpus))
         self._instances = {machine.uuid: machine.cloud_id for machine in machines}
         return machines
 
-    def _machine_of(self, item: Any, what: str) -> Optional[CloudMachine]:
-        instance_id = field(item, "InstanceId", str, what)
-        what = f"{what}: instance {instance_id}"
+    def _describe(self, instance_ids: list[str]) -> dict[str, str]:
+        """DescribeInstances for these instances, DESCRIBE_BATCH at a time; their state names.
+        A filter, not InstanceIds: an instance gone since it was listed must not fail the call."""
+        what = "DescribeInstances"
+        states = {}
+        for start in range(0, len(instance_ids), DESCRIBE_BATCH):
+            batch = instance_ids[start:start + DESCRIBE_BATCH]
+            for reservation in self._pages("describe_instances", what, "Reservations", MaxResults=1000,
+                                           Filters=[{"Name": "instance-id", "Values": batch}]):
+                for item in field(reservation, "Instances", list, what, optional=True) or []:
+                    instance_id = field(item, "InstanceId", str, what)
+                    where = f"{what}: instance {instance_id}"
+                    self._described[instance_id] = self._read_instance(item, where)
+                    states[instance_id] = field(field(item, "State", dict, where), "Name", str, where)
+        return states
+
+    def _read_instance(self, item: Any, what: str) -> _Described:
         tags = {}
         for tag in field(item, "Tags", list, what, optional=True) or []:
             tags[field(tag, "Key", str, what)] = field(tag, "Value", str, what)
         name = tags.get(_TAG_NAME) or tags.get(cloud.META_NAME)
-        if not name or not cloud.is_vcycle_name(name):
-            return None
         space = tags.get(cloud.META_SPACE)
-        if space is not None and space != self.space.name:
-            return None
-        state_name = field(field(item, "State", dict, what), "Name", str, what)
-        if state_name == "terminated":
-            return None  # listed for an hour after it is gone
-        state = cloud.ec2_state(state_name)
+        if not name or not cloud.is_vcycle_name(name) or (space is not None and space != self.space.name):
+            return _NOT_OURS
         instance_type = item.get("InstanceType")
-        return CloudMachine(
-            uuid=tags.get(cloud.META_UUID) or instance_id, name=name, active=state.active,
-            cpu_seconds=None, cloud_id=instance_id, state=state,
+        address = item.get("PrivateIpAddress")
+        return _Described(
+            name=name, uuid=tags.get(cloud.META_UUID),
             machinetype=tags.get(cloud.META_MACHINETYPE) or cloud.parse_machine_name(name),
-            processors=self._type_vcpus(instance_type) if isinstance(instance_type, str) else None,
-            created=cloud.parse_time(item.get("LaunchTime")),
-            started=cloud.parse_time(item.get("LaunchTime")) if state == cloud.CloudState.RUNNING else None,
-            address=item.get("PrivateIpAddress") if isinstance(item.get("PrivateIpAddress"), str) else None,
-            zone=_zone(item),
-        )
+            instance_type=instance_type if isinstance(instance_type, str) else None,
+            launched=cloud.parse_time(item.get("LaunchTime")),
+            address=address if isinstance(address, str) else None)
 
     def _type_vcpus(self, instance_type: str) -> Optional[int]:
         """vCPUs of an instance type (DescribeInstanceTypes, cached); None where not offered."""
@@ -248,8 +282,36 @@ class EC2Backend(ReleasedByDeletion):
         return self._instances
 
 
-def _zone(item: dict) -> Optional[str]:
-    placement = item.get("Placement")
-    if isinstance(placement, dict) and isinstance(placement.get("AvailabilityZone"), str):
-        return placement["AvailabilityZone"]
-    return None
+
+@dataclasses.dataclass(frozen=True)
+class _Described:
+    """What DescribeInstances said of an instance that stays the same while it lives.
+
+    ``name`` None: not a vcycle machine of this space. ``uuid`` None: a classic Vcycle machine,
+    known by its instance ID."""
+
+    name: Optional[str]
+    uuid: Optional[str] = None
+    machinetype: Optional[str] = None
+    instance_type: Optional[str] = None
+    launched: Optional[float] = None
+    address: Optional[str] = None
+
+    @property
+    def incomplete(self) -> bool:
+        """Ours but without an address yet (some clouds assign it after launch): read again."""
+        return self.name is not None and self.address is None
+
+    def machine(self, instance_id: str, state: cloud.CloudState, zone: Optional[str],
+                vcpus: Callable[[str], Optional[int]]) -> CloudMachine:
+        assert self.name is not None
+        return CloudMachine(
+            uuid=self.uuid or instance_id, name=self.name, active=state.active, cpu_seconds=None,
+            cloud_id=instance_id, state=state, machinetype=self.machinetype,
+            processors=vcpus(self.instance_type) if self.instance_type else None,
+            created=self.launched,
+            started=self.launched if state == cloud.CloudState.RUNNING else None,
+            address=self.address, zone=zone)
+
+
+_NOT_OURS = _Described(name=None)
