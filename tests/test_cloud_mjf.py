@@ -36,10 +36,10 @@ class Running:
             cert_file=str(cert), key_file=str(key), machines=10, limits=limits), self.loop).result(10)
         self.port = self.listener.port
 
-    def add(self, root: Path, name: str, token: str) -> Path:
+    def add(self, root: Path, name: str, token: str, heartbeat_lists: Optional[Path] = None) -> Path:
         directory = root / name
         write_mjf(directory, {"shutdowntime": "1800000000", "total_cpu": "2"}, {"wall_limit_secs": "86400"})
-        self.machines[(SPACE, name)] = cloudmjf.CloudMachineFiles(directory, token)
+        self.machines[(SPACE, name)] = cloudmjf.CloudMachineFiles(directory, token, heartbeat_lists)
         return directory
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
@@ -109,6 +109,24 @@ def test_put_joboutputs_with_vacs_caps(service: Running, tmp_path: Path) -> None
     assert service.request("PUT", base("vcycle-lhcb-a") + "/machinefeatures/shutdowntime", b"0")[0] == 403
     too_big = b"x" * (Limits().joboutput_file_bytes + 1)
     assert service.request("PUT", base("vcycle-lhcb-a") + "/joboutputs/log", too_big)[0] == 413
+
+
+def test_heartbeat_lists_only_to_the_spaces_machines(service: Running, tmp_path: Path) -> None:
+    lists = tmp_path / "heartbeatlists"
+    lists.mkdir()
+    (lists / "squid").write_text("1800000000 vcycle-squid-a 10.0.0.2\n")
+    (tmp_path / "secret").write_text("not a list")
+    service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN, lists)
+    service.add(tmp_path / "m", "vcycle-lhcb-b", "other-token")  # vacd-like: no lists
+    url = base("vcycle-lhcb-a") + "/heartbeatlists"
+    assert service.request("GET", url + "/squid") == (200, b"1800000000 vcycle-squid-a 10.0.0.2\n")
+    assert service.request("GET", url + "/lhcb")[0] == 404  # no list (yet)
+    for path in (base("vcycle-lhcb-a", "wrong") + "/heartbeatlists/squid",  # wrong token
+                 f"/heartbeatlists/{SPACE}/squid",  # classic: unauthenticated
+                 url + "/..%2fsecret", url + "/.hidden", url + "/squid/x", url,
+                 base("vcycle-lhcb-b", "other-token") + "/heartbeatlists/squid"):
+        assert service.request("GET", path)[0] == 404, path
+    assert service.request("PUT", url + "/squid", b"x")[0] == 403
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")

@@ -188,3 +188,31 @@ def test_preemptible_machinetypes_need_grace_secs(tmp_path: Path) -> None:
     # unlike Vcycle 02, "false" is false
     config, _ = load(tmp_path, CLASSIC + "preemptible = false\n")
     assert config.spaces["aws.example.org"].machinetypes["test"].preemptible is False
+
+
+def test_cvmfs_proxy_machinetype_names_a_heartbeating_machinetype_of_its_space(tmp_path: Path) -> None:
+    squid = ("\n[machinetype lhcb.cern.ch squid]\nroot_image = squid.img\nuser_data = user_data\n"
+             "backoff_seconds = 60\nfizzle_seconds = 60\nheartbeat_file = heartbeat\nheartbeat_seconds = 300\n")
+    config, problems = load(tmp_path, CLASSIC.replace("processors_per_machine = 2\n", "processors_per_machine = 2\n"
+                                                      "cvmfs_proxy_machinetype = squid\n") + squid)
+    assert config is not None and not [p for p in problems if "cvmfs" in (p.option or "")]
+    assert config.spaces["lhcb.cern.ch"].machinetypes["lhcbpilot"].cvmfs_proxy_source == ("squid", 280)
+
+    # Another space's machinetype, a bad port, or one without heartbeats: located at the option.
+    config, problems = load(tmp_path, CLASSIC + "cvmfs_proxy_machinetype = lhcbpilot:3128\n")
+    assert config is None
+    line = CLASSIC.count("\n") + 1
+    assert [(p.line, p.section, p.option, p.message) for p in problems if p.is_error] == [
+        (line, "machinetype aws.example.org test", "cvmfs_proxy_machinetype",
+         "lhcbpilot is not a machinetype of space aws.example.org")]
+    config, problems = load(tmp_path, CLASSIC + "cvmfs_proxy_machinetype = test:70000\n")
+    assert config is None and any("70000" in p.message for p in problems if p.option == "cvmfs_proxy_machinetype")
+    config, problems = load(tmp_path, CLASSIC + "cvmfs_proxy_machinetype = test:3128\n")
+    assert config is not None
+    assert [p.message for p in problems if p.option == "cvmfs_proxy_machinetype"] == [
+        "machinetype test sets no heartbeat_file and heartbeat_seconds, so it never has machines to list: "
+        "the configured user_data_option_cvmfs_proxy is used"]
+    # A vacuum pipe's machinetype is known only once the pipe is read.
+    config, problems = load(tmp_path, CLASSIC.replace("processors_per_machine = 2\n", "processors_per_machine = 2\n"
+                                                      "cvmfs_proxy_machinetype = atlas-squid\n"))
+    assert config is not None

@@ -21,7 +21,7 @@ def write_status(state: Path, space: str, **extra) -> None:
         "machines": [{"name": "vcycle-lhcb-aaaaaaaaaa", "machinetype": "lhcb", "state": "running",
                       "processors": 2, "created": now - 600, "started": now - 500, "hs06": None,
                       "shutdown_message": None}],
-        "machinetypes": {"lhcb": {"target_share": 1.0, "score": 2.0, "blocked_by": None,
+        "machinetypes": {"lhcb": {"target_share": 1.0, "score": 2.0, "blocked_by": None, "heartbeat_machines": 1,
                                   "last_abort": {"time": now - 60, "message": "300 Nothing to do\x1b[2J",
                                                  "machine": "vcycle-lhcb-bbbbbbbbbb"}}},
         **extra}
@@ -45,6 +45,7 @@ def test_tables_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "backed off" in lines[2] and "503" in lines[2]
     code, out, _ = run(capsys, "machinetypes", "--state-dir", str(tmp_path), "--space", "a.example.org")
     assert len(out.splitlines()) == 2 and "300 Nothing to do?[2J" in out  # terminal-safe
+    assert out.splitlines()[0].split()[5] == "HEARTBEATING" and out.splitlines()[1].split()[5] == "1"
     code, out, _ = run(capsys, "machines", "--state-dir", str(tmp_path), "--json")
     machines = json.loads(out)
     assert [(m["space"], m["name"], m["state"]) for m in machines] == [

@@ -325,6 +325,46 @@ def test_ec2_machines_that_stop_heartbeating_are_deleted_with_700_and_replaced(
         beating.join(15)
 
 
+def test_ec2_heartbeat_lists_and_the_cvmfs_proxies_made_of_them(tmp_path: Path, moto: MotoServer, ec2,
+                                                                 daemons) -> None:
+    template = tmp_path / "user_data"
+    template.write_text(TEMPLATE + "HB=##user_data_heartbeat_machines_url##\nPROXY=##user_data_option_cvmfs_proxy##\n")
+    image = ec2.describe_images(MaxResults=5)["Images"][0]["ImageId"]
+    https_port = free_port()
+    config = ec2_config(moto.url, image, https_port, template, limit=1, shares={"squid": 1},
+                        heartbeat_file="heartbeat", heartbeat_seconds=30, max_machines=1)
+    daemon = Daemon(tmp_path, config)
+    daemons.append(daemon)
+    daemon.start(https_port)
+    [squid] = wait_for("the squid machine", lambda: instances(ec2, "pending", "running"))
+    squid_name = {tag["Key"]: tag["Value"] for tag in squid["Tags"]}["Name"]
+    stop = threading.Event()
+    beating = threading.Thread(target=heartbeat, args=(user_data_of(ec2, squid["InstanceId"]), daemon.ca(), stop))
+    beating.start()
+    try:
+        squid_list = daemon.state / "spaces" / SPACE / "heartbeatlists" / "squid"
+        line = wait_for("the squid in its list", lambda: squid_list.exists() and squid_list.read_text())
+        assert line.split()[1:] == [squid_name, squid["PrivateIpAddress"]]
+        # A machinetype whose cvmfs proxies are the squids heartbeating now, then the site's.
+        daemon.conf.write_text(config.replace("processors_limit = 1", "processors_limit = 2") + "\n".join((
+            f"[machinetype {SPACE} lhcb]", f"root_image = image:{image}", f"user_data = {template}",
+            "target_share = 1", "backoff_seconds = 0", "fizzle_seconds = 0", "cvmfs_proxy_machinetype = squid:3128",
+            "user_data_option_cvmfs_proxy = http://site-squid.example.org:3128", "")))
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        [lhcb] = wait_for("an lhcb machine", lambda: [
+            i for i in instances(ec2, "pending", "running")
+            if {"Key": META_MACHINETYPE, "Value": "lhcb"} in i["Tags"]])
+        user_data = user_data_of(ec2, lhcb["InstanceId"])
+        assert f"PROXY=http://{squid['PrivateIpAddress']}:3128;http://site-squid.example.org:3128\n" in user_data
+        # The lists are read with the machine's own token, the machinetype added to the URL.
+        lists_url = re.search(r"HB=(\S+)", user_data).group(1)
+        with urllib.request.urlopen(f"{lists_url}/squid", context=daemon.ca(), timeout=10) as answer:
+            assert answer.read().decode().split()[1:] == [squid_name, squid["PrivateIpAddress"]]
+    finally:
+        stop.set()
+        beating.join(15)
+
+
 def test_ec2_two_machinetypes_converge_to_their_target_shares(tmp_path: Path, moto: MotoServer, ec2,
                                                                 daemons) -> None:
     daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, limit=8, shares={"atlas": 3, "lhcb": 1})

@@ -81,9 +81,11 @@ def render_machinetypes(statuses: list[dict], now: float) -> str:
             last = f"{_age(now, abort.get('time'))} ago: {printable(abort.get('message'), 40)}" if abort else "-"
             rows.append([printable(status["space"]), printable(name), _number(info.get("target_share"), 1),
                          str(len(own)), str(sum(m.get("processors") or 0 for m in own)),
-                         _number(info.get("score"), 2), last, printable(info.get("blocked_by"), 80) or "-"])
-    headers = ["SPACE", "MACHINETYPE", "SHARE", "MACHINES", "PROCESSORS", "SCORE", "LAST ABORT", "NOT CREATED"]
-    return "\n".join(format_table(headers, rows, right=(2, 3, 4, 5))) + "\n"
+                         _number(info.get("heartbeat_machines")), _number(info.get("score"), 2), last,
+                         printable(info.get("blocked_by"), 80) or "-"])
+    headers = ["SPACE", "MACHINETYPE", "SHARE", "MACHINES", "PROCESSORS", "HEARTBEATING", "SCORE",
+               "LAST ABORT", "NOT CREATED"]
+    return "\n".join(format_table(headers, rows, right=(2, 3, 4, 5, 6))) + "\n"
 
 
 def render_machines(statuses: list[dict], now: float) -> str:

@@ -58,6 +58,7 @@ API_OPENSTACK = "openstack"
 API_EC2 = "ec2"
 APIS = (API_OPENSTACK, API_EC2)
 GRID_CA_PATH = "/etc/grid-security/certificates"
+CVMFS_PROXY_PORT = 280  # classic Vcycle's port when cvmfs_proxy_machinetype names none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,14 @@ class CloudMachinetype:
     @property
     def name(self) -> str:
         return self.machinetype.name
+
+    @property
+    def cvmfs_proxy_source(self) -> Optional[tuple[str, int]]:
+        """(machinetype, port) of ``cvmfs_proxy_machinetype``; the classic port is 280."""
+        if not self.cvmfs_proxy_machinetype:
+            return None
+        name, _, port = self.cvmfs_proxy_machinetype.partition(":")
+        return name, int(port) if port else CVMFS_PROXY_PORT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +177,15 @@ def _glance_api(text: str) -> Any:
     return values.WithWarning(value, "Glance v1 is not supported: v2 is used") if value == "1" else value
 
 
+def _machinetype_port(text: str) -> str:
+    name, colon, port = text.partition(":")
+    if not _MACHINETYPE_NAME.match(name):
+        raise ValueError(f"{text!r}: give NAME or NAME:PORT, NAME of a machinetype of this space")
+    if colon:
+        values.parse_port(port)
+    return text
+
+
 def _ca_certificates(text: str) -> str:
     return text if text == "system" else values.absolute_path(text)
 
@@ -213,7 +231,7 @@ CLOUD_MACHINETYPE_OPTIONS: dict[str, Any] = {
     "max_starting_processors": values.integer(0),
     "root_public_key": values.absolute_path,
     "https_x509dn": values.any_text,
-    "cvmfs_proxy_machinetype": values.matching(re.compile(r"[a-z0-9-]+(:[0-9]{1,5})?\Z"), "NAME or NAME:PORT"),
+    "cvmfs_proxy_machinetype": _machinetype_port,
     "hs06_per_processor": values.number(0.0),
     "mb_per_processor": values.integer(1),
     "preemptible": values.boolean,
@@ -340,6 +358,31 @@ def _build_space(section: _Section, machinetypes: dict, pipes: dict, problems: l
     return Space(name=section.space, machinetypes=machinetypes, vacuum_pipes=pipes, **fields)
 
 
+def _check_cvmfs_proxy_sources(sections: dict, machinetypes: dict, pipes: dict,
+                               problems: list[Problem]) -> None:
+    """``cvmfs_proxy_machinetype`` names a machinetype of the same space whose heartbeat lists
+    are kept (classic Vcycle found out only when creating machines, failing each creation)."""
+    for space, built in machinetypes.items():
+        for name, machinetype in built.items():
+            source = machinetype.cvmfs_proxy_source
+            if source is None:
+                continue
+            proxies = built.get(source[0])
+            if proxies is None:
+                if any(source[0].startswith(f"{prefix}-") for prefix in pipes.get(space, {})):
+                    continue  # a vacuum pipe's machinetype: known once the pipe is read
+                level, message = ERROR, f"{source[0]} is not a machinetype of space {space}"
+            elif not (proxies.machinetype.heartbeat_file and proxies.machinetype.heartbeat_seconds):
+                level, message = WARNING, (
+                    f"machinetype {source[0]} sets no heartbeat_file and heartbeat_seconds, so it never "
+                    "has machines to list: the configured user_data_option_cvmfs_proxy is used")
+            else:
+                continue
+            value = sections[("machinetype", space, name)].values["cvmfs_proxy_machinetype"]
+            problems.append(Problem(level, message, value.file, value.line, f"machinetype {space} {name}",
+                                    value.written_as))
+
+
 def _build_machinetype(section: _Section, problems: list[Problem], sources: dict,
                        hostname: str) -> Optional[CloudMachinetype]:
     values = dict(section.values)
@@ -385,6 +428,7 @@ def load_vcycle_config(paths: Optional[ConfigPaths] = None, *,
             pipe = pipe_from_section(section, problems, sources)
             if pipe is not None:
                 pipes.setdefault(space, {})[name] = pipe
+    _check_cvmfs_proxy_sources(sections, machinetypes, pipes, problems)
     spaces = {}
     for (kind, space, _), section in sorted(sections.items()):
         if kind == "space":

@@ -68,6 +68,7 @@ class Listed:
     created: Optional[float] = None
     started: Optional[float] = None
     updated: Optional[float] = None
+    address: Optional[str] = None  # for the heartbeat lists
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import secrets
 import signal
 import socket
 import sys
@@ -34,7 +33,7 @@ from typing import Any, Callable, Optional
 
 from vac import __version__
 from vac.backends.base import MachineBackend
-from vac.core import cloud, lifecycle, scheduler, vcycleplan
+from vac.core import cloud, heartbeatlists, lifecycle, scheduler, vcycleplan
 from vac.core.config import Config, ConfigPaths, Machinetype, Settings
 from vac.core.model import Finish, Machine, MachineState
 from vac.core.vcycleconfig import (
@@ -47,16 +46,14 @@ from vac.core.vcycleconfig import (
     load_vcycle_config,
     space_settings,
 )
+from vac.daemon.cloudworks import CloudWorks
 from vac.daemon.executor import Executor, Hooks
-from vac.daemon.machines import MachineWorks
 from vac.daemon.runtime import LoopRuntime
-from vac.records import apel
 from vac.records.store import Store, atomic_write
 from vac.services import cloudmjf, vacquery
 
 log = logging.getLogger("vcycled")
 
-TOKEN_FILE = "mjf_token"
 MAX_SPACE_BACKOFF_SECONDS = 600.0
 DEFAULT_CYCLE_SECONDS = 60.0
 DEFAULT_CERT = "/etc/grid-security/hostcert.pem"
@@ -112,7 +109,8 @@ def listed_of(machine: Any) -> vcycleplan.Listed:
     """The planner's view of a backend's CloudMachine."""
     return vcycleplan.Listed(uuid=machine.uuid, name=machine.name, state=machine.state,
                              machinetype=machine.machinetype, processors=machine.processors,
-                             created=machine.created, started=machine.started, updated=machine.updated)
+                             created=machine.created, started=machine.started, updated=machine.updated,
+                             address=machine.address)
 
 
 class SpaceBackends:
@@ -131,67 +129,6 @@ class SpaceBackends:
 
     def key_of_model(self, model: str) -> Optional[str]:
         return self.key if model == vcycleplan.MACHINE_MODEL else None
-
-
-class CloudWorks(MachineWorks):
-    """MachineWorks for cloud machines: a per-machine MJF token and the HTTPS MJF URLs in
-    user_data, APEL records with Vcycle's infrastructure values and wall time as CPU time,
-    and only aborts (300-699) kept as finishes."""
-
-    def __init__(self, store: Store, settings: Settings, https: tuple[str, int], space: str):
-        super().__init__(store, settings)
-        self.https_host, self.https_port = https
-        self.space = space
-        self.tokens: dict[str, str] = {}  # machine name -> MJF token
-        self.dirs: dict[str, Path] = {}  # machine name -> directory
-
-    def prepare(self, machine: Machine, machinetype: Machinetype, settings: Settings) -> Path:
-        self.tokens[machine.name] = secrets.token_urlsafe(24)
-        try:
-            directory = super().prepare(machine, machinetype, settings)
-            atomic_write(directory / TOKEN_FILE, self.tokens[machine.name], 0o600)
-        except BaseException:
-            self.tokens.pop(machine.name, None)
-            raise
-        self.dirs[machine.name] = directory
-        return directory
-
-    def user_data_overrides(self, machine: Machine, directory: Path) -> dict[str, str]:
-        base = cloudmjf.machine_url(self.https_host, self.https_port, self.space, machine.name,
-                                    self.tokens[machine.name])
-        manager = f"Vcycle {__version__}"
-        return {"user_data_machinefeatures_url": f"{base}/machinefeatures",
-                "user_data_jobfeatures_url": f"{base}/jobfeatures",
-                "user_data_joboutputs_url": f"{base}/joboutputs",
-                "user_data_manager_version": manager, "user_data_vmlm_version": manager}
-
-    def index(self, machine: Machine) -> None:
-        """Serve the MJF of a machine found again (a restart, a take-over)."""
-        directory = self.store.machine_dir(machine)
-        try:
-            self.tokens[machine.name] = (directory / TOKEN_FILE).read_text(encoding="ascii").strip()
-        except OSError:
-            log.warning("space %s: %s has no MJF token: its MJF URLs cannot be served", self.space, machine.name)
-            return
-        self.dirs[machine.name] = directory
-
-    def forget(self, machine: Machine) -> None:
-        self.tokens.pop(machine.name, None)
-        self.dirs.pop(machine.name, None)
-
-    def mjf_files(self, name: str) -> Optional[cloudmjf.CloudMachineFiles]:
-        token, directory = self.tokens.get(name), self.dirs.get(name)
-        return cloudmjf.CloudMachineFiles(directory, token) if token and directory else None
-
-    def account(self, settings: Settings, machinetype: Machinetype, machine: Machine, end: float) -> None:
-        # Clouds report no CPU time: CpuDuration is the wall time (classic Vcycle).
-        wall = max(0.0, end - (machine.started or machine.created))
-        result = apel.write_accounting(settings, machinetype, machine, end, wall, apel.VCYCLE)
-        log.info("space %s: %s", self.space, result)
-
-    def save_finish(self, finish: Finish) -> None:
-        if vcycleplan.is_abort(finish.shutdown_message):
-            super().save_finish(finish)
 
 
 class VcycleMetrics:
@@ -274,6 +211,9 @@ class SpaceWorker:
         self.aborts: dict[str, Finish] = store.load_finishes()
         self.last_seen: dict[str, float] = {}
         self.listed: set[str] = set()  # uuids of the last listing
+        self.addresses: dict[str, str] = {}  # uuid -> address, of the last listing
+        self.heartbeat_lists: dict[str, tuple[heartbeatlists.Beating, ...]] = {}
+        self.written_lists: dict[str, str] = {}  # machinetype -> the list text last written
         self.limit: Optional[int] = space.processors_limit
         self.backoff_until = 0.0
         self.backoff = min_backoff
@@ -365,6 +305,7 @@ class SpaceWorker:
         self.backoff = self.min_backoff
         self.last_error = None
         plan = self.plan(tuple(listed_of(machine) for _, machine in listing), quota, now)
+        self._write_heartbeat_lists()
         for action in plan.actions:
             self.apply(action, now)
         self.executor.start_finishes(now)
@@ -378,6 +319,7 @@ class SpaceWorker:
     def plan(self, listed: tuple[vcycleplan.Listed, ...], quota: Any, now: float) -> vcycleplan.Plan:
         executor = self.executor
         listed_uuids = self.listed = {machine.uuid for machine in listed}
+        self.addresses = {machine.uuid: machine.address for machine in listed if machine.address}
         for machine in listed:
             if machine.state.active:
                 self.last_seen[machine.uuid] = now
@@ -391,16 +333,42 @@ class SpaceWorker:
                 if activity is not None:
                     self.last_seen[uuid] = activity
         self.limit = self.space.processors_limit if self.space.processors_limit is not None else quota.max_processors
+        heartbeats = self._heartbeats()
+        # Before any creation, so that new machines get the proxies listed now.
+        self.heartbeat_lists = heartbeatlists.heartbeat_lists(self.space, executor.machines.values(), heartbeats,
+                                                              self.addresses, now)
+        self.works.cvmfs_proxies = {
+            name: proxy for name, proxy in ((name, heartbeatlists.cvmfs_proxy(cloud_type, self.heartbeat_lists))
+                                            for name, cloud_type in self.space.machinetypes.items()) if proxy}
         snapshot = vcycleplan.SpaceSnapshot(
             space=self.space, factory=self.factory, listed=listed,
             records={**self.finished, **executor.machines}, finishes=dict(self.aborts),
-            heartbeats=self._heartbeats(), last_seen=dict(self.last_seen),
+            heartbeats=heartbeats, last_seen=dict(self.last_seen),
             cloud_limit=quota.max_processors, cloud_used=quota.used_processors, now=now,
             daemon_started=self.started)
         plan = vcycleplan.plan(snapshot, self.rng)
         for note in plan.notes:
             log.debug("space %s: %s", self.space.name, note)
         return plan
+
+    def _write_heartbeat_lists(self) -> None:
+        """The lists as files (VCYCLE.md §5), rewritten when they change; a machinetype no
+        longer configured loses its file. A failure is logged: the cycle goes on."""
+        directory = self.works.heartbeat_lists
+        try:
+            directory.mkdir(mode=0o755, exist_ok=True)
+            for name, entries in self.heartbeat_lists.items():
+                text = heartbeatlists.list_text(entries)
+                if self.written_lists.get(name) != text:
+                    atomic_write(directory / name, text, 0o644)
+                    self.written_lists[name] = text
+            for path in directory.iterdir():
+                if path.name not in self.heartbeat_lists:
+                    path.unlink()
+                    self.written_lists.pop(path.name, None)
+        except OSError as error:
+            self.written_lists.clear()  # written again in full next cycle
+            log.error("space %s: heartbeat lists in %s: %s", self.space.name, directory, error)
 
     def _heartbeats(self) -> dict[str, Optional[float]]:
         found: dict[str, Optional[float]] = {}
@@ -467,7 +435,8 @@ class SpaceWorker:
                                     "score": plan.standings[name].score if plan and name in plan.standings else None,
                                     "blocked_by": (plan.standings[name].blocked_by
                                                    if plan and name in plan.standings else None),
-                                    "last_abort": _abort_of(self.aborts.get(name))}
+                                    "last_abort": _abort_of(self.aborts.get(name)),
+                                    "heartbeat_machines": len(self.heartbeat_lists.get(name, ()))}
                              for name, ct in self.space.machinetypes.items()},
         }
 

@@ -7,10 +7,12 @@ each machine's URLs carry a secret token that vcycled puts into its user_data::
     GET  /machines/<space>/<name>/<token>/machinefeatures[/KEY]
     GET  /machines/<space>/<name>/<token>/jobfeatures[/KEY]
     PUT  /machines/<space>/<name>/<token>/joboutputs/<FILE>     (POST too, for busybox wget)
+    GET  /machines/<space>/<name>/<token>/heartbeatlists/<MACHINETYPE>
 
 A wrong or missing token is answered exactly as an unknown machine (404), so names cannot be
 probed; the classic Apache layout's unauthenticated GETs and prefix-matched DNs are gone
-(VCYCLE.md §8 #11). Uploads have vac's caps and per-machine upload share
+(VCYCLE.md §8 #11): the space's heartbeat lists, which name machines and their addresses, are
+served only to the space's own machines, under their tokens. Uploads have vac's caps and per-machine upload share
 (vac.services.metadata.joboutputs); connections are shared per source address through
 vac.services.fairness, and TLS is at least v1.2 with the configured certificate and key.
 """
@@ -21,6 +23,7 @@ import dataclasses
 import hmac
 import ipaddress
 import logging
+import re
 import ssl
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,15 +55,19 @@ from vac.services.metadata.mjf import mjf_listing
 log = logging.getLogger(__name__)
 
 PREFIX = "machines"
+HEARTBEAT_LISTS = "heartbeatlists"
+MACHINETYPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 MIN_TLS = ssl.TLSVersion.TLSv1_2
 
 
 @dataclasses.dataclass(frozen=True)
 class CloudMachineFiles:
-    """Where one machine's MJF files are, and the token its URLs must carry."""
+    """Where one machine's MJF files are, the token its URLs must carry, and the directory of
+    its space's heartbeat lists (one file per machinetype)."""
 
     directory: Path
     token: str
+    heartbeat_lists: Optional[Path] = None
 
 
 # (space, machine name) -> its files, or None for an unknown machine
@@ -151,6 +158,8 @@ class CloudMjf:
                                 headers={"Allow": "GET, HEAD, PUT, POST"})
         if rest[:1] == ["joboutputs"]:
             return status_response(403, "joboutputs are write-only")
+        if rest[:1] == [HEARTBEAT_LISTS]:
+            return self._heartbeat_list(files, rest[1:])
         if not rest or rest[0] not in MJF_DIRECTORIES or len(rest) > 2:
             return status_response(404, "not found")
         directory = files.directory / rest[0]
@@ -161,6 +170,15 @@ class CloudMjf:
         data = read_document(directory / rest[1])
         if data is None:
             return status_response(404, f"no {rest[0]} key {rest[1]}")
+        return bytes_response(data, "text/plain")
+
+    @staticmethod
+    def _heartbeat_list(files: CloudMachineFiles, rest: list[str]) -> web.Response:
+        if len(rest) != 1 or not MACHINETYPE_NAME.match(rest[0]) or files.heartbeat_lists is None:
+            return status_response(404, "not found")
+        data = read_document(files.heartbeat_lists / rest[0])
+        if data is None:
+            return status_response(404, f"no heartbeat list for machinetype {rest[0]}")
         return bytes_response(data, "text/plain")
 
 
