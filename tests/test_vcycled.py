@@ -200,6 +200,9 @@ def test_ec2_quota_poweroff_finished_and_accounted_once(tmp_path: Path, moto: Mo
     assert "InfrastructureDescription: APEL-VCYCLE" in accounted[0]
     assert f"SubmitHost: {SPACE}/vcycle-vcycle.example.org" in accounted[0]
     assert SECRET_KEY not in daemon.log()
+    # The shared executor's lines are vcycled's, each naming its space.
+    assert f"vcycled[{daemon.process.pid}] INFO: space {SPACE}: creating vcycle-lhcb-" in daemon.log()
+    assert "vacd[" not in daemon.log()
 
 
 def test_ec2_past_wallclock_is_deleted_with_its_700(tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:

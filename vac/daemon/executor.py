@@ -33,7 +33,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 from vac.backends.base import BackendError, BackendMachine, BackendUnavailableError, MachineBackend
 from vac.core import lifecycle, scheduler
@@ -170,7 +170,10 @@ class Executor:
                  capacity: CapacityRule = slot_capacity,
                  lifecycle_rule: Optional[LifecycleRule] = lifecycle.reconcile,
                  settings_for: Optional[Callable[[str], Settings]] = None,
-                 new_uuid: Callable[[], str] = lambda: str(uuidlib.uuid4())):
+                 new_uuid: Callable[[], str] = lambda: str(uuidlib.uuid4()),
+                 logger: Union[logging.Logger, logging.LoggerAdapter] = log):
+        # vcycled passes its own (with the space in each line): the lines are its, not vacd's.
+        self.log = logger
         self.config = config
         self.backends = backends
         self.records = records
@@ -227,7 +230,7 @@ class Executor:
         try:
             after = machine.transition(state, **changes)
         except IllegalTransition as error:
-            log.error("refused: %s", error)
+            self.log.error("refused: %s", error)
             return None
         return self._put(machine, after)
 
@@ -271,7 +274,7 @@ class Executor:
             try:
                 await coroutine
             except Exception:
-                log.exception("internal error in a background step")
+                self.log.exception("internal error in a background step")
 
         def done() -> None:
             if uuid is not None:
@@ -288,12 +291,12 @@ class Executor:
         elif isinstance(action, scheduler.Shutdown):
             machine = self.machines.get(action.uuid)
             if machine is not None and machine.state is MachineState.RUNNING:
-                log.info("shutting down %s: %s", machine.name, action.reason)
+                self.log.info("shutting down %s: %s", machine.name, action.reason)
                 self.spawn(self.stop(machine, action.shutdown_message), machine.uuid)
         elif isinstance(action, scheduler.LowerDeadline):
             machine = self.machines.get(action.uuid)
             if machine is not None:
-                log.info("lowering deadline of %s: %s", machine.name, action.reason)
+                self.log.info("lowering deadline of %s: %s", machine.name, action.reason)
                 machine = self.update(machine, deadline=action.deadline)
                 self.spawn(self.runtime.call(self.records.lower_deadline, machine), None)
 
@@ -302,7 +305,7 @@ class Executor:
         settings = self.settings_for(machinetype.name)
         refused = self.capacity(self, action)
         if refused is not None:
-            log.error("creation of a %s machine refused: %s", machinetype.name, refused)
+            self.log.error("creation of a %s machine refused: %s", machinetype.name, refused)
             return
         machine = Machine(
             uuid=self.new_uuid(), name=self.naming(settings, action), slot=action.slot,
@@ -312,7 +315,7 @@ class Executor:
             hs06=(settings.hs06_per_processor * action.processors
                   if settings.hs06_per_processor else None))
         if log.isEnabledFor(logging.INFO):
-            log.info("creating %s (%s, %d processors, deadline %s): %s", machine.name,
+            self.log.info("creating %s (%s, %d processors, deadline %s): %s", machine.name,
                      machinetype.name, machine.processors,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(machine.deadline)),
                      action.reason)
@@ -333,20 +336,20 @@ class Executor:
                                                 settings)
             await self.runtime.call(backend.create, machine, machinetype, settings, directory)
         except Exception as error:
-            log.error("creating %s failed: %s", machine.name, error)
+            self.log.error("creating %s failed: %s", machine.name, error)
             self.hooks.creation_failed(machine, f"{machine.name}: {error}")
             try:
                 self.records.write_shutdown_message(
                     machine, f"500 Vac could not create the machine: {error}"[:MAX_MESSAGE_CHARS])
             except OSError as write_error:
-                log.error("cannot record why %s failed: %s", machine.name, write_error)
+                self.log.error("cannot record why %s failed: %s", machine.name, write_error)
             self.transition(self.machines.get(machine.uuid, machine), MachineState.FINISHING,
                             finished=self.runtime.now())
             return
         now = self.runtime.now()
         if self.transition(self.machines.get(machine.uuid, machine), MachineState.RUNNING,
                            started=now, heartbeat=now):
-            log.info("%s (%s) is running", machine.name, machine.uuid)
+            self.log.info("%s (%s) is running", machine.name, machine.uuid)
             self.hooks.started(machine)
 
     async def stop(self, machine: Machine, factory_message: Optional[str]) -> None:
@@ -368,7 +371,7 @@ class Executor:
                     raise BackendError("its backend is not available")
                 await self.runtime.call(backend.stop, machine.uuid)
             except Exception as error:
-                log.warning("graceful stop of %s failed (%s): destroying it", machine.name, error)
+                self.log.warning("graceful stop of %s failed (%s): destroying it", machine.name, error)
             else:
                 await ended.wait(self.config.settings.stop_grace_seconds)
             if backend is not None:
@@ -391,7 +394,7 @@ class Executor:
         if machine is None or machine.state is not MachineState.RUNNING:
             return
         backend = self.backends.for_model(machine.machine_model)
-        log.info("%s (%s) %s", machine.name, machine.machinetype,
+        self.log.info("%s (%s) %s", machine.name, machine.machinetype,
                  "powered off" if backend is None or backend.kind == "vm" else "ended")
         self.transition(machine, MachineState.FINISHING, finished=self.runtime.now())
         self.hooks.wake()
@@ -410,7 +413,7 @@ class Executor:
             try:
                 machines = await self.runtime.call(backend.list_machines)
             except Exception as error:  # the engine is down: keep its machines as they are
-                log.error("cannot list the %s machines: %s", key, error)
+                self.log.error("cannot list the %s machines: %s", key, error)
                 self.unanswered.add(key)
                 continue
             answered.add(key)
@@ -435,7 +438,7 @@ class Executor:
 
     def apply_lifecycle(self, action: lifecycle.LifecycleAction, now: float) -> None:
         if isinstance(action, lifecycle.DestroyZombie):
-            log.warning("destroying zombie machine %s (%s): no live machine has this UUID",
+            self.log.warning("destroying zombie machine %s (%s): no live machine has this UUID",
                         action.name, action.uuid)
             self.spawn(self.destroy_zombie(action), action.uuid)
             return
@@ -443,11 +446,11 @@ class Executor:
         if machine is None:
             return
         if isinstance(action, lifecycle.Adopt):
-            log.info("%s", action.reason)
+            self.log.info("%s", action.reason)
             self.transition(machine, MachineState.RUNNING, started=machine.started or now,
                             heartbeat=now)
         elif isinstance(action, lifecycle.MarkGone):
-            log.info("%s", action.reason)
+            self.log.info("%s", action.reason)
             self.transition(machine, MachineState.FINISHING, finished=action.end)
         elif isinstance(action, lifecycle.Finish):
             self.spawn(self.finish_or_retry(machine), machine.uuid)
@@ -466,7 +469,7 @@ class Executor:
         try:
             await self.finish(machine)
         except Exception as error:
-            log.error("finishing %s failed (%s): retrying in %.0f s", machine.name, error,
+            self.log.error("finishing %s failed (%s): retrying in %.0f s", machine.name, error,
                       lifecycle.FINISH_RETRY_SECONDS)
             self.retry_at[machine.uuid] = self.runtime.now() + lifecycle.FINISH_RETRY_SECONDS
         else:
@@ -505,7 +508,7 @@ class Executor:
         self.machines.pop(machine.uuid, None)
         self.last_in_slot[finished.slot] = finished
         ran = (end - machine.started) if machine.started else 0
-        log.info("%s (%s) finished after %ds: %s", machine.name, machine.machinetype, ran,
+        self.log.info("%s (%s) finished after %ds: %s", machine.name, machine.machinetype, ran,
                  steps.message or "no shutdown message")
         self.hooks.finished(finished)
 
@@ -524,7 +527,7 @@ class Executor:
                 else machine
         end = machine.finished or self.runtime.now()
         last = machine.heartbeat or machine.started
-        log.warning("%s (%s): no CPU reading at its end (%s): CPU time %.0f s is its last reading, "
+        self.log.warning("%s (%s): no CPU reading at its end (%s): CPU time %.0f s is its last reading, "
                     "at %s, %.0f s before its end at %s", machine.name, machine.machinetype,
                     problem, machine.cpu_seconds, scheduler.clock(last), max(0.0, end - last),
                     scheduler.clock(end))

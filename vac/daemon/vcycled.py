@@ -177,6 +177,13 @@ class _SpaceHooks(Hooks):
         self.worker.on_finished(machine)
 
 
+class SpaceLog(logging.LoggerAdapter):
+    """vcycled's logger with the space at the start of each line (for the shared executor)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"space {self.extra['space']}: {msg}", kwargs
+
+
 class SpaceWorker:
     """One space: its backend, records and executor."""
 
@@ -206,7 +213,8 @@ class SpaceWorker:
             for name, ct in space.machinetypes.items()})
         self.executor = Executor(config, self.backends, self.works, runtime, _SpaceHooks(self),
                                  naming=lambda _settings, action: cloud.machine_name(action.machinetype, rng),
-                                 capacity=self.capacity, lifecycle_rule=None, settings_for=self.settings_for)
+                                 capacity=self.capacity, lifecycle_rule=None, settings_for=self.settings_for,
+                                 logger=SpaceLog(log, {"space": space.name}))
         self.finished: dict[str, Machine] = {}  # finished machines the cloud may still list
         self.aborts: dict[str, Finish] = store.load_finishes()
         self.last_seen: dict[str, float] = {}
