@@ -80,6 +80,7 @@ def test_life_cycle_create_list_user_data_and_terminate(endpoint: str, tmp_path:
     tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
     assert tags["Name"] == machine.name and tags["vcycle_space"] == space.name
     assert tags["vcycle_uuid"] == machine.uuid and tags["machinetype"] == "lhcb"
+    assert tags["vcycle_manager"] == SETTINGS.factory_name == found.manager
     # One key pair, imported once, named after the key itself.
     pairs = client.describe_key_pairs()["KeyPairs"]
     assert [pair["KeyName"] for pair in pairs] == [instance["KeyName"]]

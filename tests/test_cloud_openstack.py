@@ -111,7 +111,8 @@ def test_life_cycle(emulator: OpenStackEmulator, tmp_path: Path) -> None:
     assert server["name"] == machine.name and server["flavor"]["id"] == "2"  # first fitting name
     assert emulator.user_data[server["id"]] == USER_DATA
     assert server["metadata"] == {"cern-services": "false", "name": machine.name, "machinetype": "lhcb",
-                                  "vcycle_uuid": machine.uuid, "vcycle_space": space.name}
+                                  "vcycle_uuid": machine.uuid, "vcycle_space": space.name,
+                                  "vcycle_manager": SETTINGS.factory_name}
     assert server["OS-EXT-AZ:availability_zone"] == "az1"
     create_body = next(body for body in emulator.bodies if "server" in body)["server"]
     assert create_body["security_groups"] == [{"name": "vcycle"}]
@@ -123,6 +124,7 @@ def test_life_cycle(emulator: OpenStackEmulator, tmp_path: Path) -> None:
 
     [found] = backend.list_machines()
     assert (found.uuid, found.name, found.machinetype, found.processors) == (machine.uuid, machine.name, "lhcb", 2)
+    assert found.manager == SETTINGS.factory_name
     assert found.state == CloudState.STARTING and found.active and found.cpu_seconds is None
     emulator.set_server(found.cloud_id, "ACTIVE")
     [found] = backend.list_machines()

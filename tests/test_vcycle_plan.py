@@ -277,6 +277,35 @@ def test_listed_machines_without_records_are_taken_over() -> None:
     assert any("cms is not configured" in note for note in result.notes)
 
 
+def test_another_vcycleds_machines_count_and_are_taken_over_only_once_abandoned() -> None:
+    space = make_space(processors_limit=3)  # max_wallclock_seconds: a day
+    other = "vcycle2.example.org"
+    young = vp.Listed("u1", "vcycle-lhcb-aaaaaaaaaa", CloudState.RUNNING, "lhcb", 1, NOW - 500, NOW - 400,
+                      manager=other)
+    starting = vp.Listed("u2", "vcycle-lhcb-bbbbbbbbbb", CloudState.STARTING, "lhcb", 1, NOW - 600, manager=other)
+    result = plan(snapshot(space, [], [young, starting]))
+    assert of(result, vp.Adopt) == [] and [c.machinetype for c in of(result, vp.Create)] == ["lhcb"]  # 2 of 3 used
+    assert any(f"managed by {other}" in note for note in result.notes)
+
+    # Past its deadline, past the start timeout, or stopped: each by TAKEOVER_SECONDS, then ours.
+    day = 86400
+    overdue = dataclasses.replace(young, created=NOW - day - vp.TAKEOVER_SECONDS - 1)
+    nearly = dataclasses.replace(young, uuid="u3", created=NOW - day - vp.TAKEOVER_SECONDS + 60)
+    never = dataclasses.replace(starting, created=NOW - vp.START_TIMEOUT_SECONDS - vp.TAKEOVER_SECONDS - 1)
+    stopped = dataclasses.replace(young, uuid="u4", state=CloudState.SHUT_DOWN, updated=NOW - vp.TAKEOVER_SECONDS - 1)
+    stopped_lately = dataclasses.replace(stopped, uuid="u5", updated=NOW - 60)
+    result = plan(snapshot(space, [], [overdue, nearly, never, stopped, stopped_lately]))
+    assert sorted(a.machine.uuid for a in of(result, vp.Adopt)) == ["u1", "u2", "u4"]
+    assert all(other in a.reason for a in of(result, vp.Adopt))
+    # Without an updated time, a stopped machine counts from when this vcycled last saw it running.
+    quiet = dataclasses.replace(stopped, updated=None)
+    assert of(plan(snapshot(space, [], [quiet], last_seen={"u4": NOW - 60})), vp.Adopt) == []
+    assert len(of(plan(snapshot(space, [], [quiet], daemon_started=NOW - vp.TAKEOVER_SECONDS - 1)), vp.Adopt)) == 1
+    # Our own machines and classic ones (no manager) are taken over at once.
+    for manager in ("vcycle.example.org", None):
+        assert len(of(plan(snapshot(space, [], [dataclasses.replace(young, manager=manager)])), vp.Adopt)) == 1
+
+
 def test_finished_record_still_listed_is_deleted_not_adopted() -> None:
     space = make_space(processors_limit=0)
     finished = record("f", state=MachineState.FINISHED, finished=NOW - 100)

@@ -71,13 +71,14 @@ class Daemon:
         self.log_path = tmp_path / "vcycled.log"
         self.process = None
 
-    def start(self, https_port: int, *extra: str, env: Optional[dict] = None) -> None:
+    def start(self, https_port: int, *extra: str, env: Optional[dict] = None,
+              hostname: str = "vcycle.example.org") -> None:
         environment = {k: v for k, v in os.environ.items()
                        if not k.startswith(("AWS_", "NOTIFY_SOCKET", "WATCHDOG_"))}
         environment.update(env or {})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vac.daemon.vcycled", "--conf-dir", str(self.tmp_path / "vcycle.d"),
-             "--conf", str(self.conf), "--state-dir", str(self.state), "--hostname", "vcycle.example.org",
+             "--conf", str(self.conf), "--state-dir", str(self.state), "--hostname", hostname,
              "--https-address", "127.0.0.1", "--https-port", str(https_port),
              "--https-cert", str(self.tmp_path / "server.pem"), "--https-key", str(self.tmp_path / "server.key"),
              "--cycle-seconds", "1", "--log-file", str(self.log_path), "--debug", *extra], env=environment)
@@ -219,8 +220,8 @@ def test_ec2_kill_9_and_restart_takes_the_machines_over(tmp_path: Path, moto: Mo
                        and instances(ec2, "pending", "running"))
     wait_for("their records", lambda: len([r for r in daemon.records() if r["state"] == "running"]) == 3)
     daemon.kill()
-    # one machine's record is lost with its directory (a vcycled on another host made it);
-    # not the one played below: a machine taken over has no MJF token here
+    # one machine's record is lost with its directory; not the one played below: a machine
+    # taken over has no MJF token here
     played = {tag["Key"]: tag["Value"] for tag in running[1]["Tags"]}["Name"]
     lost = next(d for d in (daemon.state / "spaces" / SPACE / "machines").iterdir() if played not in d.name)
     shutil.rmtree(lost)
@@ -234,6 +235,23 @@ def test_ec2_kill_9_and_restart_takes_the_machines_over(tmp_path: Path, moto: Mo
     wait_for("its finish after the restart",
              lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
     assert next(r for r in daemon.records() if r["uuid"] == uuid)["shutdown_message"] == "300 Nothing to do"
+
+
+def test_ec2_two_vcycleds_on_one_space_share_its_quota_and_leave_each_others_machines(
+        tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
+    first, _ = ec2_daemon(tmp_path, moto, ec2, daemons, limit=4)
+    wait_for("the quota's 4 machines", lambda: len(instances(ec2, "pending", "running")) == 4)
+    (tmp_path / "second").mkdir()
+    second = Daemon(tmp_path / "second", first.conf.read_text())
+    daemons.append(second)
+    second.start(free_port(), hostname="vcycle2.example.org")
+    wait_for("the second's cycles", lambda: second.log().count("managed by vcycle.example.org") >= 8)
+    first.kill()  # just now: its machines are not abandoned yet
+    time.sleep(3)
+    assert len(instances(ec2, "pending", "running")) == 4  # nothing created past the shared quota
+    assert second.records() == [] and "taking over" not in second.log()
+    for instance in instances(ec2, "pending", "running"):
+        assert {"Key": "vcycle_manager", "Value": "vcycle.example.org"} in instance["Tags"]
 
 
 # --- OpenStack (emulator) --------------------------------------------------------------------------

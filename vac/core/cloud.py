@@ -27,6 +27,13 @@ META_NAME = "name"
 META_MACHINETYPE = "machinetype"
 META_UUID = "vcycle_uuid"
 META_SPACE = "vcycle_space"
+META_MANAGER = "vcycle_manager"  # the vcycled host that created the machine (classic: a file)
+
+
+def machine_metadata(name: str, machinetype: str, uuid: str, space: str, manager: str) -> dict[str, str]:
+    """The metadata (OpenStack) or tags (EC2) every new machine carries."""
+    return {META_NAME: name, META_MACHINETYPE: machinetype, META_UUID: uuid, META_SPACE: space,
+            META_MANAGER: manager}
 
 # Glance image property recording the modification time of the file an image was uploaded from.
 IMAGE_MARKER_PROPERTY = "last_modified"

@@ -24,7 +24,10 @@ what differs on a cloud is here (VCYCLE.md §4):
   machinetype's machine that the cloud reclaimed (shut down by the cloud, not by itself, within
   its ``grace_seconds`` of the cloud's notice) is no abort either: it gets ``PREEMPTED``.
 * Take-over: a machine listed with a configured machinetype and no record (its vcycled died
-  with its state, or another host created it) is adopted, then supervised like the others.
+  with its state, or it is a classic machine) is adopted, then supervised like the others. A
+  machine another vcycled host created (its ``manager``) counts towards the quota and shares
+  but is left to that host, until it has outlived what a live manager would allow it by
+  ``TAKEOVER_SECONDS``: then that manager is taken to be gone and the machine is adopted.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from vac.core.vcycleconfig import CloudMachinetype, Space
 
 START_TIMEOUT_SECONDS = 3600  # classic: a machine not running an hour after creation failed
 DELETE_RETRY_SECONDS = 3600  # classic: at most one delete attempt an hour
+TAKEOVER_SECONDS = 3600  # classic: another manager's machines are taken over after its silence
 LISTING_GRACE_SECONDS = 300  # a machine just created may not be listed yet (EC2 is eventually consistent)
 DEFAULT_BUDGET_PROCESSORS = 10  # creations per cycle where no limit gives a tenth
 MACHINE_MODEL = "cloud"  # Machine.machine_model of vcycle's records
@@ -69,6 +73,7 @@ class Listed:
     started: Optional[float] = None
     updated: Optional[float] = None
     address: Optional[str] = None  # for the heartbeat lists
+    manager: Optional[str] = None  # the vcycled host that created it; None: unknown (classic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,11 +242,29 @@ def _supervise(snap: SpaceSnapshot, actions: list, notes: list) -> dict[str, Mac
         if seen.uuid in snap.records:
             continue
         adopted = _adoption(seen, snap, notes)
-        if adopted is not None:
-            actions.append(Adopt(adopted, f"taking over {seen.name} ({seen.state.value}), which has no record here"))
-            if adopted.state != MachineState.FINISHED:
-                active[adopted.uuid] = adopted
+        if adopted is None:
+            continue
+        if seen.manager not in (None, snap.factory) and not _abandoned(seen, adopted, snap):
+            notes.append(f"{seen.name} is managed by {seen.manager}: counted, left to it")
+            active[adopted.uuid] = adopted  # holds quota and shares, but gets no actions here
+            continue
+        whose = f"{seen.manager}'s" if seen.manager not in (None, snap.factory) else "without a record here"
+        actions.append(Adopt(adopted, f"taking over {seen.name} ({seen.state.value}), {whose}"))
+        if adopted.state != MachineState.FINISHED:
+            active[adopted.uuid] = adopted
     return active
+
+
+def _abandoned(seen: Listed, machine: Machine, snap: SpaceSnapshot) -> bool:
+    """Whether another vcycled's machine has outlived what that vcycled, were it alive, would
+    have allowed it, by TAKEOVER_SECONDS: a stopped machine is deleted at once, one that never
+    starts after START_TIMEOUT_SECONDS, a running one at its deadline."""
+    if not seen.state.active:
+        since = seen.updated or snap.last_seen.get(seen.uuid) or snap.daemon_started
+        return snap.now > since + TAKEOVER_SECONDS
+    if machine.state == MachineState.CREATING:
+        return snap.now > machine.created + START_TIMEOUT_SECONDS + TAKEOVER_SECONDS
+    return snap.now > machine.deadline + TAKEOVER_SECONDS
 
 
 def _ended(snap: SpaceSnapshot, record: Machine, end: float, reason: str, actions: list) -> None:

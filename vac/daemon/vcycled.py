@@ -110,7 +110,7 @@ def listed_of(machine: Any) -> vcycleplan.Listed:
     return vcycleplan.Listed(uuid=machine.uuid, name=machine.name, state=machine.state,
                              machinetype=machine.machinetype, processors=machine.processors,
                              created=machine.created, started=machine.started, updated=machine.updated,
-                             address=machine.address)
+                             address=machine.address, manager=machine.manager)
 
 
 class SpaceBackends:
@@ -335,6 +335,9 @@ class SpaceWorker:
             if uuid not in listed_uuids:  # done with: only its directory remains
                 del self.finished[uuid]
                 self.last_seen.pop(uuid, None)
+        for uuid in list(self.last_seen):  # machines left to another vcycled, or not configured here
+            if uuid not in listed_uuids and uuid not in executor.machines and uuid not in self.finished:
+                del self.last_seen[uuid]
         for uuid, record in executor.machines.items():
             if uuid not in listed_uuids and uuid not in self.last_seen:
                 activity = self.store.last_activity(record)  # vcycled was down when it went

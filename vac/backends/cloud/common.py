@@ -46,6 +46,7 @@ class CloudMachine(BackendMachine):
     created: Optional[float] = None
     started: Optional[float] = None
     updated: Optional[float] = None
+    manager: Optional[str] = None  # the vcycled host that created it; None: a classic machine
     address: Optional[str] = None
     zone: Optional[str] = None
 

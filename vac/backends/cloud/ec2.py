@@ -172,7 +172,7 @@ class EC2Backend(ReleasedByDeletion):
             name=name, uuid=tags.get(cloud.META_UUID),
             machinetype=tags.get(cloud.META_MACHINETYPE) or cloud.parse_machine_name(name),
             instance_type=instance_type if isinstance(instance_type, str) else None,
-            launched=cloud.parse_time(item.get("LaunchTime")),
+            launched=cloud.parse_time(item.get("LaunchTime")), manager=tags.get(cloud.META_MANAGER),
             address=address if isinstance(address, str) else None)
 
     def _type_vcpus(self, instance_type: str) -> Optional[int]:
@@ -218,9 +218,8 @@ class EC2Backend(ReleasedByDeletion):
         if len(user_data) > MAX_USER_DATA_BYTES:
             raise BackendError(f"machine {machine.name}: user_data is {len(user_data)} bytes, "
                                f"more than EC2's {MAX_USER_DATA_BYTES}")
-        tags = {_TAG_NAME: machine.name, cloud.META_NAME: machine.name,
-                cloud.META_MACHINETYPE: machinetype.name, cloud.META_UUID: machine.uuid,
-                cloud.META_SPACE: self.space.name}
+        tags = {_TAG_NAME: machine.name, **cloud.machine_metadata(
+            machine.name, machinetype.name, machine.uuid, self.space.name, settings.factory_name)}
         parameters: dict[str, Any] = {
             "ImageId": root_image[len("image:"):], "InstanceType": flavors[0],
             "MinCount": 1, "MaxCount": 1,
@@ -295,6 +294,7 @@ class _Described:
     machinetype: Optional[str] = None
     instance_type: Optional[str] = None
     launched: Optional[float] = None
+    manager: Optional[str] = None
     address: Optional[str] = None
 
     @property
@@ -311,7 +311,7 @@ class _Described:
             processors=vcpus(self.instance_type) if self.instance_type else None,
             created=self.launched,
             started=self.launched if state == cloud.CloudState.RUNNING else None,
-            address=self.address, zone=zone)
+            manager=self.manager, address=self.address, zone=zone)
 
 
 _NOT_OURS = _Described(name=None)

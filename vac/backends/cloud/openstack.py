@@ -195,6 +195,7 @@ class OpenStackBackend(ReleasedByDeletion):
             created=cloud.parse_time(item.get("created")),
             started=cloud.parse_time(item.get("OS-SRV-USG:launched_at")),
             updated=cloud.parse_time(item.get("updated")),
+            manager=metadata.get(cloud.META_MANAGER) if isinstance(metadata.get(cloud.META_MANAGER), str) else None,
             address=_first_address(item.get("addresses")),
             zone=item.get("OS-EXT-AZ:availability_zone") if isinstance(item.get("OS-EXT-AZ:availability_zone"), str) else None,
         )
@@ -235,13 +236,8 @@ class OpenStackBackend(ReleasedByDeletion):
             "imageRef": self._image_id(machinetype),
             "flavorRef": flavor.id,
             "user_data": user_data.decode("ascii"),
-            "metadata": {
-                "cern-services": "false",
-                cloud.META_NAME: machine.name,
-                cloud.META_MACHINETYPE: machinetype.name,
-                cloud.META_UUID: machine.uuid,
-                cloud.META_SPACE: self.space.name,
-            },
+            "metadata": {"cern-services": "false", **cloud.machine_metadata(
+                machine.name, machinetype.name, machine.uuid, self.space.name, settings.factory_name)},
         }
         if extra.root_public_key:
             server["key_name"] = self._key_pair(extra.root_public_key)
