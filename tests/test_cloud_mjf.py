@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import ipaddress
+import socket
 import ssl
 import threading
 from pathlib import Path
@@ -25,7 +27,7 @@ TOKEN = "s3cr3t-token-of-machine-a"
 class Running:
     """The service on its own event loop thread, like vcycled's."""
 
-    def __init__(self, tmp_path: Path, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, tmp_path: Path, limits: Limits = DEFAULT_LIMITS, **options: object):
         self.ca_dir, cert, key = make_tls_files(tmp_path)
         self.machines: dict[tuple[str, str], cloudmjf.CloudMachineFiles] = {}
         self.loop = asyncio.new_event_loop()
@@ -33,7 +35,7 @@ class Running:
         self.thread.start()
         self.listener = asyncio.run_coroutine_threadsafe(cloudmjf.start_cloud_mjf(
             lambda space, name: self.machines.get((space, name)), address="127.0.0.1", port=0,
-            cert_file=str(cert), key_file=str(key), machines=10, limits=limits), self.loop).result(10)
+            cert_file=str(cert), key_file=str(key), machines=10, limits=limits, **options), self.loop).result(10)
         self.port = self.listener.port
 
     def add(self, root: Path, name: str, token: str, heartbeat_lists: Optional[Path] = None) -> Path:
@@ -43,9 +45,10 @@ class Running:
         return directory
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
-                context: Optional[ssl.SSLContext] = None) -> tuple[int, bytes]:
+                context: Optional[ssl.SSLContext] = None, source: str = "127.0.0.1") -> tuple[int, bytes]:
         context = context or ssl.create_default_context(capath=str(self.ca_dir))
-        connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=10)
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=10,
+                                                 source_address=(source, 0))
         try:
             connection.request(method, path, body=body)
             response = connection.getresponse()
@@ -127,6 +130,26 @@ def test_heartbeat_lists_only_to_the_spaces_machines(service: Running, tmp_path:
                  base("vcycle-lhcb-b", "other-token") + "/heartbeatlists/squid"):
         assert service.request("GET", path)[0] == 404, path
     assert service.request("PUT", url + "/squid", b"x")[0] == 403
+
+
+def test_a_machines_address_gets_a_machines_share_and_a_nat_gateway_more(tmp_path: Path) -> None:
+    machine_address = int(ipaddress.ip_address("127.0.0.2"))
+    running = Running(tmp_path, Limits(connections_per_machine=2), descriptors=256,
+                      is_machine_address=lambda key: key == machine_address)
+    running.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)
+    path = base("vcycle-lhcb-a") + "/machinefeatures/shutdowntime"
+    held: list = []
+    try:
+        held += [socket.create_connection(("127.0.0.1", running.port), 10, ("127.0.0.2", 0)) for _ in range(2)]
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            running.request("GET", path, source="127.0.0.2")  # over its 2: reset at accept
+        # 127.0.0.1 is no machine's address: many machines behind one NAT share its larger share.
+        held += [socket.create_connection(("127.0.0.1", running.port), 10) for _ in range(8)]
+        assert running.request("GET", path) == (200, b"1800000000")
+    finally:
+        for sock in held:
+            sock.close()
+        running.stop()
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")

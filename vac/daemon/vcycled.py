@@ -220,6 +220,7 @@ class SpaceWorker:
         self.last_seen: dict[str, float] = {}
         self.listed: set[str] = set()  # uuids of the last listing
         self.addresses: dict[str, str] = {}  # uuid -> address, of the last listing
+        self.address_keys: set[int] = set()  # the same addresses as integers, for the MJF service
         self.heartbeat_lists: dict[str, tuple[heartbeatlists.Beating, ...]] = {}
         self.written_lists: dict[str, str] = {}  # machinetype -> the list text last written
         self.limit: Optional[int] = space.processors_limit
@@ -328,6 +329,7 @@ class SpaceWorker:
         executor = self.executor
         listed_uuids = self.listed = {machine.uuid for machine in listed}
         self.addresses = {machine.uuid: machine.address for machine in listed if machine.address}
+        self.address_keys = {key for key in map(cloudmjf.address_key, self.addresses.values()) if key is not None}
         for machine in listed:
             if machine.state.active:
                 self.last_seen[machine.uuid] = now
@@ -505,6 +507,10 @@ class Vcycled:
         worker = self.workers.get(space)
         return worker.works.mjf_files(name) if worker else None
 
+    def is_machine_address(self, key: int) -> bool:
+        """Whether a source address (as an integer) is one the clouds list for a machine."""
+        return any(key in worker.address_keys for worker in self.workers.values())
+
     def request_stop(self) -> None:
         self.stopping.set()
         self.wake.set()
@@ -543,7 +549,8 @@ class Vcycled:
         machines = sum(s.processors_limit or 1000 for s in self.config.spaces.values())
         listener = await cloudmjf.start_cloud_mjf(
             self.resolve, address=self.args.https_address, port=self.args.https_port,
-            cert_file=self.args.https_cert, key_file=self.args.https_key, machines=machines)
+            cert_file=self.args.https_cert, key_file=self.args.https_key, machines=machines,
+            is_machine_address=self.is_machine_address)
         log.info("vcycled %s started on %s: spaces %s", __version__, self.factory, ", ".join(self.workers))
         watchdog = loop.create_task(self.feed_watchdog(interval)) if interval else None
         try:

@@ -14,7 +14,7 @@ probed; the classic Apache layout's unauthenticated GETs and prefix-matched DNs 
 (VCYCLE.md §8 #11): the space's heartbeat lists, which name machines and their addresses, are
 served only to the space's own machines, under their tokens. Uploads have vac's caps and per-machine upload share
 (vac.services.metadata.joboutputs); connections are shared per source address through
-vac.services.fairness, and TLS is at least v1.2 with the configured certificate and key.
+vac.services.fairness (a machine's address: a machine's share; a NAT gateway's: more), and TLS is at least v1.2 with the configured certificate and key.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from vac.services.fairness import (
     LogLimiter,
     connection_share,
     descriptor_limit,
+    reserved_descriptors,
     serve_fairly,
 )
 from vac.services.metadata import (
@@ -88,6 +89,27 @@ def address_key(address: str) -> Optional[int]:
         return int(ipaddress.ip_address(address))
     except ValueError:
         return None
+
+
+class AddressShares(ConnectionShares):
+    """Connections per source address. An address the cloud lists for one of the machines gets
+    a machine's share; any other is taken for a NAT gateway in front of many machines (a tenancy
+    without floating IPs reaches vcycled through its router's one address) and gets
+    ``gateway_share``, so that those machines are not squeezed into one machine's share."""
+
+    def __init__(self, per_machine: int, gateway_share: int, is_machine_address: Callable[[int], bool]):
+        super().__init__(per_machine, address_key)
+        self.gateway_share = gateway_share
+        self.is_machine_address = is_machine_address
+
+    def _machine(self, key: Optional[int]) -> bool:
+        return key is not None and self.is_machine_address(key)
+
+    def limit(self, key: Optional[int]) -> int:
+        return self.per_machine if self._machine(key) else self.gateway_share
+
+    def describe(self, key: Optional[int], address: str) -> str:
+        return f"machine {address}" if self._machine(key) else f"address {address} (not a machine's: NAT?)"
 
 
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -188,9 +210,11 @@ async def _no_expect(request: web.Request) -> None:
 
 async def start_cloud_mjf(resolve: CloudResolver, *, address: str, port: int, cert_file: str,
                           key_file: str, machines: int, limits: Limits = DEFAULT_LIMITS,
-                          descriptors: Optional[int] = None) -> FairListener:
-    """Serve cloud MJF over HTTPS on ``address``:``port`` (port 0: a free one). Each source
-    address's share of connections is sized for ``machines`` in the descriptor limit.
+                          descriptors: Optional[int] = None,
+                          is_machine_address: Callable[[int], bool] = lambda key: True) -> FairListener:
+    """Serve cloud MJF over HTTPS on ``address``:``port`` (port 0: a free one). A machine's
+    address (``is_machine_address`` of its integer form) holds a share of connections sized for
+    ``machines`` in the descriptor limit; any other address half the descriptors' room.
     Raises OSError (cannot bind) or ssl.SSLError (unusable certificate or key)."""
     context = server_context(cert_file, key_file)
     descriptors = descriptor_limit() if descriptors is None else descriptors
@@ -199,13 +223,15 @@ async def start_cloud_mjf(resolve: CloudResolver, *, address: str, port: int, ce
     runner = web.AppRunner(CloudMjf(resolve, limits).application(), access_log=None,
                            handle_signals=False, keepalive_timeout=limits.idle_timeout_seconds,
                            handler_cancellation=True, shutdown_timeout=5.0)
-    shares = ConnectionShares(limits.connections_per_machine, address_key)
+    room = descriptors - reserved_descriptors(descriptors)
+    shares = AddressShares(limits.connections_per_machine, max(limits.connections_per_machine, room // 2),
+                           is_machine_address)
     listener = await serve_fairly("cloud-mjf", runner, address, port, shares,
                                   LogLimiter(1, 1.0 / EVENT_LOG_SECONDS), log, context)
-    log.info("cloud MJF on https://%s:%d; each source address may hold %d connections",
-             address or "*", listener.port, limits.connections_per_machine)
+    log.info("cloud MJF on https://%s:%d; a machine's address may hold %d connections, any other "
+             "address (NAT) %d", address or "*", listener.port, shares.per_machine, shares.gateway_share)
     return listener
 
 
-__all__ = ["CloudMachineFiles", "CloudMjf", "CloudResolver", "address_key", "machine_url",
+__all__ = ["AddressShares", "CloudMachineFiles", "CloudMjf", "CloudResolver", "address_key", "machine_url",
            "server_context", "start_cloud_mjf"]

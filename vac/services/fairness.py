@@ -142,11 +142,19 @@ class ConnectionShares:
         self.slot_for_address = slot_for_address
         self.open: dict[Optional[int], int] = {}
 
+    def limit(self, key: Optional[int]) -> int:
+        """The connections the share ``key`` may hold."""
+        return self.per_machine
+
+    def describe(self, key: Optional[int], address: str) -> str:
+        """Whose share ``key`` is, for the log."""
+        return f"slot {key} ({address})" if key is not None else f"addresses outside the slot plan ({address})"
+
     def take(self, address: str) -> tuple[Optional[int], bool]:
         """(the share's key, whether a connection from ``address`` fits in it and was counted)."""
         key = self.slot_for_address(address)
         held = self.open.get(key, 0)
-        if held >= self.per_machine:
+        if held >= self.limit(key):
             return key, False
         self.open[key] = held + 1
         return key, True
@@ -282,10 +290,9 @@ class FairListener:
         key, admitted = self.shares.take(address)
         if not admitted:
             _reset(conn)
-            who = f"slot {key} ({address})" if key is not None else \
-                f"addresses outside the slot plan ({address})"
             self._log_event(f"share {key}", "%s: %s already holds its %d connections; "
-                            "refusing more", self.name, who, self.shares.per_machine)
+                            "refusing more", self.name, self.shares.describe(key, address),
+                            self.shares.limit(key))
             return
         conn.setblocking(False)
         task = self._loop.create_task(self._connect(conn, key))
