@@ -1,4 +1,5 @@
-"""A busybox container image for the container tier and benchmarks, made without any registry.
+"""A busybox container image for the container tier and benchmarks, made without any registry,
+and the harness the backend tests share (``BackendHarness``).
 
 The root file system is busybox-static with a link per applet, packed into a tar file by Python
 and given to ``podman import``. The tag carries a hash of the busybox binary, so the image is
@@ -16,7 +17,14 @@ import shutil
 import subprocess
 import tarfile
 import time
-from typing import Optional
+import uuid as uuidmod
+from pathlib import Path
+from typing import Any, Optional
+
+from vac.core.config import Machinetype, Settings
+from vac.core.model import Machine
+from vac.records.store import Store
+from vac.services import metadata
 
 BUSYBOX = "/bin/busybox"
 IMAGE_REPOSITORY = "localhost/vac-test-busybox"
@@ -105,3 +113,41 @@ def wait_reported(stopped: queue.Queue, uuid: str, seconds: float) -> None:
         except queue.Empty:
             break
     pytest.fail(f"no stopped report for {uuid} within {seconds} s")
+
+
+class BackendHarness:
+    """A state directory, the settings, and container backends sharing a cgroup root, all
+    removed by ``close``. Subclasses make the backends and pass them to ``track``."""
+
+    def __init__(self, state: Path, settings: Settings):
+        self.cgroup_root = f"/vac-test-{uuidmod.uuid4()}"
+        self.store = Store(state)
+        self.store.prepare()
+        self.settings = settings
+        self.stopped: queue.Queue = queue.Queue()
+        self.backends: list = []
+
+    def track(self, backend: Any) -> Any:
+        backend.connect()
+        self.backends.append(backend)
+        return backend
+
+    def prepare(self, machine: Machine, machinetype: Machinetype, script: str) -> Path:
+        """What the daemon does before ``create``: directory, MJF, user_data (0600)."""
+        directory = self.store.create_machine_dir(machine)
+        features = metadata.mjf_features(machine, self.settings, machinetype, time.time())
+        metadata.write_mjf(directory, *features)
+        self.store.write_file(machine, "user_data", "#!/bin/sh\n" + script, mode=0o600)
+        return directory
+
+    def wait_stopped(self, uuid: str, seconds: float = 60.0) -> None:
+        wait_reported(self.stopped, uuid, seconds)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            for machine in backend.list_machines():
+                backend.destroy(machine.uuid)
+            backend.close()
+        cgroups = next((backend.cgroups for backend in self.backends if backend.cgroups is not None), None)
+        if cgroups is not None:
+            cgroups.remove(self.cgroup_root)

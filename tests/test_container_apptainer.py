@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import os
 import pwd
-import queue
 import shutil
 import tarfile
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerimage import BUSYBOX, _rootfs_tar, wait_reported
+from tests.containerimage import BUSYBOX, BackendHarness, _rootfs_tar
 from vac.backends.base import BackendError
 from vac.backends.container.apptainer import (
     ApptainerBackend,
@@ -39,8 +38,6 @@ from vac.backends.container.apptainer import (
 from vac.backends.container.cgroups import Cgroups
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine, slot_name
-from vac.records.store import Store
-from vac.services import metadata
 
 DIRECTORY = Path("/var/lib/vac/machines/1700000000_cms_wn001-04.example.org")
 USER = "nobody"
@@ -96,30 +93,22 @@ def test_singularity_user_must_exist_and_not_be_root():
 # -- the life cycle -------------------------------------------------------------------------------
 
 
-class Factory:
+class Factory(BackendHarness):
     """A state directory the singularity_user can traverse, and backends sharing a cgroup root."""
 
     def __init__(self, binary: str, root: Path):
         self.root = root
         self.binary = binary
-        self.cgroup_root = f"/vac-test-{uuidmod.uuid4()}"
-        self.store = Store(root / "state")
-        self.store.prepare()
+        super().__init__(root / "state", Settings(
+            vac_space="space.test.invalid", factory_name="ap.test.invalid", mb_per_processor=128,
+            singularity_user=USER, state_dir=str(root / "state")))
         os.chmod(root / "state", 0o755)
         os.chmod(root / "state" / "machines", 0o755)
-        self.settings = Settings(vac_space="space.test.invalid", factory_name="ap.test.invalid",
-                                 mb_per_processor=128, singularity_user=USER,
-                                 state_dir=str(root / "state"))
-        self.stopped: queue.Queue = queue.Queue()
-        self.backends: list = []
         self.slots = 0
 
     def backend(self) -> ApptainerBackend:
-        backend = ApptainerBackend(self.stopped.put, singularity_user=USER, binary=self.binary,
-                                   cgroup_root=self.cgroup_root, cvmfs_root=str(self.root))
-        backend.connect()
-        self.backends.append(backend)
-        return backend
+        return self.track(ApptainerBackend(self.stopped.put, singularity_user=USER, binary=self.binary,
+                                           cgroup_root=self.cgroup_root, cvmfs_root=str(self.root)))
 
     def start(self, backend: ApptainerBackend, script: str, image: str, command: str):
         machinetype = Machinetype(name="ap", root_image=image, machine_model="apptainer",
@@ -132,23 +121,10 @@ class Factory:
         machine = Machine(uuid=str(uuidmod.uuid4()), name=slot_name("ap.test.invalid", slot),
                           slot=slot, machinetype="ap", machine_model="apptainer", processors=1,
                           created=now, deadline=now + 3600)
-        directory = self.store.create_machine_dir(machine)
+        directory = self.prepare(machine, machinetype, script)
         os.chmod(directory, 0o755)
-        features = metadata.mjf_features(machine, self.settings, machinetype, now)
-        metadata.write_mjf(directory, *features)
-        self.store.write_file(machine, "user_data", "#!/bin/sh\n" + script, mode=0o600)
         backend.create(machine, machinetype, self.settings, directory)
         return machine, directory
-
-    def wait_stopped(self, uuid: str) -> None:
-        wait_reported(self.stopped, uuid, WAIT_SECONDS)
-
-    def close(self) -> None:
-        for backend in self.backends:
-            for machine in backend.list_machines():
-                backend.destroy(machine.uuid)
-            backend.close()
-        Cgroups.detect().remove(self.cgroup_root)
 
 
 def open_temporary_root() -> Path:

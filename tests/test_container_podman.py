@@ -8,7 +8,6 @@ Without podman or root the tier is skipped, or fails when VAC_REQUIRE_CONTAINER=
 
 from __future__ import annotations
 
-import queue
 import subprocess
 import time
 import uuid as uuidmod
@@ -16,14 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerimage import podman_image, wait_reported
+from tests.containerimage import BackendHarness, podman_image
 from vac.backends.base import BackendError
 from vac.backends.container.cgroups import Cgroups
 from vac.backends.container.engine import EngineBackend, container_name
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine, slot_name
-from vac.records.store import Store
-from vac.services import metadata
 
 pytestmark = pytest.mark.container
 RUNTIME = "runc"
@@ -35,29 +32,21 @@ def image() -> str:
     return podman_image()
 
 
-class Factory:
+class Factory(BackendHarness):
     """A backend with its own factory label and cgroup root, and the machines it made."""
 
     def __init__(self, tmp_path: Path, image: str):
         self.name = f"ct{uuidmod.uuid4().hex[:10]}.test.invalid"
-        self.cgroup_root = f"/vac-test-{uuidmod.uuid4()}"
         self.cvmfs = tmp_path / "cvmfs"
-        self.store = Store(tmp_path / "state")
-        self.store.prepare()
-        self.settings = Settings(vac_space="space.test.invalid", factory_name=self.name,
-                                 mb_per_processor=128, container_runtime=RUNTIME,
-                                 container_network="none", state_dir=str(tmp_path / "state"))
+        super().__init__(tmp_path / "state", Settings(
+            vac_space="space.test.invalid", factory_name=self.name, mb_per_processor=128,
+            container_runtime=RUNTIME, container_network="none", state_dir=str(tmp_path / "state")))
         self.image = image
-        self.stopped: queue.Queue = queue.Queue()
-        self.backends: list = []
 
     def backend(self) -> EngineBackend:
-        backend = EngineBackend(self.name, self.stopped.put, engine="podman", runtime=RUNTIME,
-                                network="none", cgroup_root=self.cgroup_root,
-                                cvmfs_root=str(self.cvmfs))
-        backend.connect()
-        self.backends.append(backend)
-        return backend
+        return self.track(EngineBackend(self.name, self.stopped.put, engine="podman", runtime=RUNTIME,
+                                        network="none", cgroup_root=self.cgroup_root,
+                                        cvmfs_root=str(self.cvmfs)))
 
     def machinetype(self, **options) -> Machinetype:
         return Machinetype(name="ct", root_image=f"docker://{self.image}", machine_model="podman",
@@ -69,32 +58,12 @@ class Factory:
                        machinetype="ct", machine_model="podman", processors=processors,
                        created=now, deadline=now + 3600)
 
-    def prepare(self, machine: Machine, machinetype: Machinetype, script: str) -> Path:
-        """What the daemon does before ``create``: directory, MJF, user_data (0600)."""
-        directory = self.store.create_machine_dir(machine)
-        machinefeatures, jobfeatures = metadata.mjf_features(machine, self.settings, machinetype,
-                                                             time.time())
-        metadata.write_mjf(directory, machinefeatures, jobfeatures)
-        self.store.write_file(machine, "user_data", "#!/bin/sh\n" + script, mode=0o600)
-        return directory
-
     def start(self, backend: EngineBackend, script: str, processors: int = 1, **options):
         machinetype = self.machinetype(**options)
         machine = self.machine(processors=processors)
         directory = self.prepare(machine, machinetype, script)
         backend.create(machine, machinetype, self.settings, directory)
         return machine, machinetype, directory
-
-    def wait_stopped(self, uuid: str) -> None:
-        wait_reported(self.stopped, uuid, WAIT_SECONDS)
-
-    def close(self) -> None:
-        for backend in self.backends:
-            for machine in backend.list_machines():
-                backend.destroy(machine.uuid)
-            backend.close()
-        if self.backends and self.backends[0].cgroups is not None:
-            self.backends[0].cgroups.remove(self.cgroup_root)
 
 
 @pytest.fixture

@@ -349,14 +349,4 @@ fizzle_seconds = 1
         assert {r["slot"] for r in busy} == {1 - vm["slot"]}, "containers only in the other slot"
     finally:
         vacd.kill(signal.SIGTERM)
-        import libvirt
-
-        conn = libvirt.open("qemu:///system")
-        try:
-            for record in vacd.records():
-                try:
-                    conn.lookupByUUIDString(record["uuid"]).destroy()
-                except libvirt.libvirtError:
-                    pass
-        finally:
-            conn.close()
+        vacd.destroy_domains()

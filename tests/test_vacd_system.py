@@ -128,15 +128,7 @@ def vacd_factory(system_guest, system_network_names):
     yield make
     for vacd in started:
         vacd.kill(signal.SIGTERM)
-        conn = libvirt.open("qemu:///system")
-        try:
-            for record in vacd.records():
-                try:
-                    conn.lookupByUUIDString(record["uuid"]).destroy()
-                except libvirt.libvirtError:
-                    pass
-        finally:
-            conn.close()
+        vacd.destroy_domains()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 

@@ -43,6 +43,21 @@ class VacdProcess:
             self.process.wait(timeout=30)
         self.process = None
 
+    def destroy_domains(self) -> None:
+        """Destroy the libvirt domains of this vacd's records that are still there (after the
+        test stopped it: they must not outlive the test)."""
+        import libvirt  # only the real-VM tier has it
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            for record in self.records():
+                try:
+                    conn.lookupByUUIDString(record["uuid"]).destroy()
+                except libvirt.libvirtError:
+                    pass
+        finally:
+            conn.close()
+
     def records(self) -> list[dict]:
         """Every machine record, with its directory as ``dir``."""
         found = []
