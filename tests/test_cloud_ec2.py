@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import boto3
+import botocore.awsrequest
 import pytest
 
 from tests.cloudservers import USER_DATA, MotoServer, free_port, new_machine
@@ -153,6 +154,39 @@ def test_steady_listing_describes_only_new_instances(endpoint: str, tmp_path: Pa
     ec2_client(endpoint).terminate_instances(InstanceIds=[listed[first.uuid].cloud_id])
     assert [found.uuid for found in backend.list_machines()] == [second.uuid]
     assert len(calls) == 2
+
+
+def test_a_cloud_without_describe_instance_status_is_described_in_full(
+        endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    space = make_space(endpoint, tmp_path, image=an_image(endpoint), key=False)
+    backend = EC2Backend(space)
+    backend.connect()
+    machine, directory = new_machine(tmp_path)
+    backend.create(machine, space.machinetypes["lhcb"].machinetype, SETTINGS, directory)
+    # The edge this cloud cannot show: an EC2-compatible cloud answering the call as unknown.
+    status_calls = []
+
+    def unknown_call(**_: object) -> tuple:
+        status_calls.append(1)
+        answer = {"Error": {"Code": "InvalidAction", "Message": "not implemented"},
+                  "ResponseMetadata": {"HTTPStatusCode": 400}}
+        return botocore.awsrequest.AWSResponse(endpoint, 400, {}, None), answer
+
+    backend._client.meta.events.register("before-call.ec2.DescribeInstanceStatus", unknown_call)
+    calls = described_ids(backend)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            [found] = backend.list_machines()
+            assert found.uuid == machine.uuid and found.address and found.zone == "us-east-1a"
+    assert status_calls == [1] and calls == [[], []]  # asked once; then full listings, no filter by ID
+    assert sum("no DescribeInstanceStatus (InvalidAction)" in r.getMessage() for r in caplog.records) == 1
+    # Any other refusal is the cloud failing, not a missing call.
+    backend.connect()
+    backend._client.meta.events.register("before-call.ec2.DescribeInstanceStatus", lambda **_: (
+        botocore.awsrequest.AWSResponse(endpoint, 503, {}, None),
+        {"Error": {"Code": "Unavailable", "Message": "busy"}, "ResponseMetadata": {"HTTPStatusCode": 503}}))
+    with pytest.raises(BackendError, match="DescribeInstanceStatus: Unavailable"):
+        backend.list_machines()
 
 
 def test_instance_terminated_between_status_and_describe(endpoint: str, tmp_path: Path) -> None:

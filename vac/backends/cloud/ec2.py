@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 MAX_USER_DATA_BYTES = 16 * 1024  # EC2's limit, before base64
 MAX_PAGES = 1000
+# What EC2-compatible clouds answer for an API call they do not implement.
+_NO_SUCH_CALL = ("InvalidAction", "UnsupportedOperation", "NotImplemented", "UnknownOperation")
 DESCRIBE_BATCH = 200  # EC2 takes at most 200 values in one filter
 _TAG_NAME = "Name"  # the tag the EC2 console shows; classic Vcycle used "name"
 # Terminated instances stay listed for about an hour: the cloud leaves them out of the answer
@@ -57,6 +59,7 @@ class EC2Backend(ReleasedByDeletion):
         self._vcpus: dict[str, Optional[int]] = {}  # instance type -> vCPUs (None: unknown)
         self._key_names: dict[str, str] = {}
         self._described: dict[str, _Described] = {}  # instance id -> what does not change
+        self._describe_all = False  # the cloud lacks DescribeInstanceStatus: list in full
 
     def connect(self) -> None:
         space = self.space
@@ -73,6 +76,7 @@ class EC2Backend(ReleasedByDeletion):
             raise BackendError(f"space {space.name}: EC2 at {space.url}: {error}") from None
         self._vcpus = {}
         self._described = {}
+        self._describe_all = False
 
     def close(self) -> None:
         self._client = None
@@ -98,7 +102,8 @@ class EC2Backend(ReleasedByDeletion):
     # A full DescribeInstances answer carries some 10 kB per instance, and most of it never
     # changes while an instance lives. Each cycle lists only the states (DescribeInstanceStatus,
     # a few hundred bytes each) and describes just the instances not seen before, or seen
-    # without an address yet; what is read once is kept in ``_described``.
+    # without an address yet; what is read once is kept in ``_described``. A cloud without
+    # DescribeInstanceStatus (some EC2-compatible ones) is described in full each cycle.
 
     def _pages(self, operation: str, what: str, key: str, **parameters: Any) -> list:
         """Every item of a paginated answer's ``key`` list (an empty account may omit it)."""
@@ -114,17 +119,10 @@ class EC2Backend(ReleasedByDeletion):
 
     def list_machines(self) -> list[CloudMachine]:
         """Every vcycle instance of this space that is not yet terminated."""
-        what = "DescribeInstanceStatus"
-        states: dict[str, tuple[str, Optional[str]]] = {}  # instance id -> state name, zone
-        for item in self._pages("describe_instance_status", what, "InstanceStatuses",
-                                IncludeAllInstances=True, MaxResults=1000, Filters=[_LIVE_STATES]):
-            instance_id = field(item, "InstanceId", str, what)
-            state = field(field(item, "InstanceState", dict, f"{what}: instance {instance_id}"),
-                          "Name", str, f"{what}: instance {instance_id}")
-            zone = item.get("AvailabilityZone")
-            states[instance_id] = (state, zone if isinstance(zone, str) else None)
-        unread = [instance_id for instance_id in states
-                  if instance_id not in self._described or self._described[instance_id].incomplete]
+        states = self._live_states()
+        unread = [] if self._describe_all else [
+            instance_id for instance_id in states
+            if instance_id not in self._described or self._described[instance_id].incomplete]
         # A state read by the describe is the newer: an instance terminated meanwhile is left out.
         for instance_id, state in self._describe(unread).items():
             if instance_id in states:  # a cloud answering more than asked is not believed
@@ -141,6 +139,43 @@ class EC2Backend(ReleasedByDeletion):
                                                   self._type_vcpus))
         self._instances = {machine.uuid: machine.cloud_id for machine in machines}
         return machines
+
+    def _live_states(self) -> dict[str, tuple[str, Optional[str]]]:
+        """Instance id -> (state name, zone) of every instance not terminated."""
+        if not self._describe_all:
+            try:
+                return self._instance_statuses()
+            except CloudError as error:
+                if error.code not in _NO_SUCH_CALL:
+                    raise
+                log.warning("space %s: the cloud has no DescribeInstanceStatus (%s): each cycle "
+                            "describes every instance instead", self.space.name, error.code)
+                self._describe_all = True
+        what = "DescribeInstances"
+        states = {}
+        for reservation in self._pages("describe_instances", what, "Reservations", MaxResults=1000,
+                                       Filters=[_LIVE_STATES]):
+            for item in field(reservation, "Instances", list, what, optional=True) or []:
+                instance_id = field(item, "InstanceId", str, what)
+                where = f"{what}: instance {instance_id}"
+                self._described[instance_id] = self._read_instance(item, where)
+                placement = item.get("Placement")
+                zone = placement.get("AvailabilityZone") if isinstance(placement, dict) else None
+                states[instance_id] = (field(field(item, "State", dict, where), "Name", str, where),
+                                       zone if isinstance(zone, str) else None)
+        return states
+
+    def _instance_statuses(self) -> dict[str, tuple[str, Optional[str]]]:
+        what = "DescribeInstanceStatus"
+        states = {}
+        for item in self._pages("describe_instance_status", what, "InstanceStatuses",
+                                IncludeAllInstances=True, MaxResults=1000, Filters=[_LIVE_STATES]):
+            instance_id = field(item, "InstanceId", str, what)
+            where = f"{what}: instance {instance_id}"
+            zone = item.get("AvailabilityZone")
+            states[instance_id] = (field(field(item, "InstanceState", dict, where), "Name", str, where),
+                                   zone if isinstance(zone, str) else None)
+        return states
 
     def _describe(self, instance_ids: list[str]) -> dict[str, str]:
         """DescribeInstances for these instances, DESCRIBE_BATCH at a time; their state names.
