@@ -378,6 +378,32 @@ def test_vacd_check_config_reports_located_errors(tmp_path, capsys):
     assert "10-test.conf:" in errors and "udp_timeout_seconds: 'soon'" in errors
 
 
+def test_check_config_under_systemd_gives_each_problem_its_priority(tmp_path, monkeypatch):
+    """ExecReload= runs ``--check-config`` with the journal as stderr: errors at priority 3."""
+    import os
+
+    from vac.core.ini import ERROR, WARNING, Problem
+    from vac.ops.configcli import print_problems
+
+    with open(tmp_path / "journal", "w+") as journal:
+        status = os.fstat(journal.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+        print_problems([Problem(ERROR, "bad", "/etc/vac.d/x.conf", 2), Problem(WARNING, "odd", "/etc/vac.conf", 3)],
+                       journal)
+        journal.seek(0)
+        lines = journal.read().splitlines()
+    assert [line[:3] for line in lines] == ["<3>", "<4>"]
+    assert "/etc/vac.d/x.conf:2" in lines[0] and "bad" in lines[0]
+
+
+def test_vcycled_check_config_reports_located_errors(tmp_path, capsys):
+    from vac.daemon.vcycled import main
+
+    (tmp_path / "vcycle.conf").write_text("[space s.example.org]\napi = azure\n")
+    assert main(["--check-config", "--conf-dir", str(tmp_path / "none"), "--conf", str(tmp_path / "vcycle.conf")]) == 1
+    assert f"{tmp_path}/vcycle.conf:2: [space s.example.org] api: 'azure' is not supported" in capsys.readouterr().err
+
+
 def test_a_missing_volume_group_is_a_clear_startup_error(tmp_path, clock):
     from vac.daemon.vacd import StartupError
 

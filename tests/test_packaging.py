@@ -49,10 +49,21 @@ def test_vacd_unit_matches_the_daemon():
     service = read_unit("vacd.service")["Service"]
     assert service["Type"] == "notify"
     assert service["KillMode"] == "process"  # VMs and helpers survive restarts
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert reload_commands("vacd.service") == ["/usr/sbin/vacd --check-config $VACD_OPTIONS",
+                                               "/bin/kill -HUP $MAINPID"]
     assert int(service["WatchdogSec"].rstrip("s")) >= 120
     assert service["ExecStart"].startswith("/usr/sbin/vacd ")
     assert "--daemon" not in service["ExecStart"]
+
+
+def reload_commands(name: str) -> list:
+    """A unit's ExecReload= lines in order (configparser would keep only the last)."""
+    return re.findall(r"^ExecReload=(.*)$", (UNIT_DIR / name).read_text(), re.MULTILINE)
+
+
+def test_a_reload_checks_the_configuration_before_signalling():
+    assert reload_commands("vcycled.service") == ["/usr/sbin/vcycled --check-config $VCYCLED_OPTIONS",
+                                                  "/bin/kill -HUP $MAINPID"]
 
 
 def test_timers_replace_the_cron_file():

@@ -615,28 +615,45 @@ def test_drain_and_reload_stop_creation(container):
 
 def test_journal_has_vacds_errors_at_error_priority_and_nothing_else(container):
     reset(container)
-    cursor = container.cursor()
-    # A broken fragment: vacd reports each problem and keeps its configuration.
-    container.write("/etc/vac.d/20-broken.conf", "[settings]\nmax_creating = many\n")
-    container.systemctl("reload", "vacd.service")
-    def reported():
-        errors = container.journal("--unit=vacd.service", "--priority=err", after=cursor)
-        return len(errors) >= 2 and errors
+    pid = main_pid(container)
 
-    errors = container.wait_for("vacd to report the broken fragment", reported)
-    messages = [entry["MESSAGE"] for entry in errors]
+    def vacd_errors(after: str, count: int) -> list:
+        def reported():
+            errors = [entry for entry in container.journal("--unit=vacd.service", "--priority=err", after=after)
+                      if entry.get("SYSLOG_IDENTIFIER") == "vacd"]
+            return len(errors) >= count and errors
+        return container.wait_for(f"{count} error lines of vacd", reported)
+
+    # A broken fragment: the reload's check refuses it, in the journal at error priority, and
+    # vacd is not signalled.
+    cursor = container.cursor()
+    container.write("/etc/vac.d/20-broken.conf", "[settings]\nmax_creating = many\n")
+    refused = container.systemctl("reload", "vacd.service", check=False)
+    assert refused.returncode != 0, refused.stdout + refused.stderr
+    [checked] = vacd_errors(cursor, 1)
+    assert checked["MESSAGE"].startswith("error: /etc/vac.d/20-broken.conf:2: [settings] max_creating")
+    assert checked["PRIORITY"] == "3"
+    assert "INFO vacd: reloading configuration (SIGHUP)" not in container.messages("vacd.service", after=cursor)
+    assert main_pid(container) == pid and container.show("vacd.service", "ActiveState")["ActiveState"] == "active"
+
+    # Signalled anyway, vacd reports each problem and keeps its configuration.
+    cursor = container.cursor()
+    container.systemctl("kill", "--signal=HUP", "--kill-who=main", "vacd.service")
+    messages = [entry["MESSAGE"] for entry in vacd_errors(cursor, 2)]
     assert len(messages) == 2, messages
     assert "/etc/vac.d/20-broken.conf" in messages[0] and "max_creating" in messages[0]
     assert messages[1] == "ERROR vacd: configuration has errors: keeping the previous configuration"
-    assert {entry["PRIORITY"] for entry in errors} == {"3"}
-    assert {entry["SYSLOG_IDENTIFIER"] for entry in errors} == {"vacd"}
     # Everything else vacd said meanwhile is below error priority, with its own level.
     everything = container.journal("--unit=vacd.service", after=cursor)
     levels = {entry["MESSAGE"]: entry["PRIORITY"] for entry in everything
               if entry.get("SYSLOG_IDENTIFIER") == "vacd"}
     assert levels["INFO vacd: reloading configuration (SIGHUP)"] == "6"
     assert not any(message.startswith("<") for message in levels), "priority prefixes leaked"
-    assert container.show("vacd.service", "ActiveState")["ActiveState"] == "active"
+
+    # Fixed, the reload goes through.
+    container.run("rm", "/etc/vac.d/20-broken.conf")
+    container.systemctl("reload", "vacd.service")
+    assert main_pid(container) == pid and container.show("vacd.service", "ActiveState")["ActiveState"] == "active"
 
 
 def test_the_apel_timers_services_run(container):

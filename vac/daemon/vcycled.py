@@ -621,11 +621,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", default=None, help="log here instead of stderr")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--debug", action="store_true", help="log planner notes")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration, print its problems and exit (1 on errors)")
     return parser
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.check_config:
+        from vac.ops.configcli import print_problems
+
+        config, problems = load_vcycle_config(ConfigPaths(args.conf_dir, args.conf, ()),
+                                              hostname=args.hostname or socket.getfqdn())
+        print_problems(problems)
+        return 1 if config is None else 0
     from vac.ops.logsetup import start_daemon_logging
 
     if not start_daemon_logging("vcycled", args.log_file, args.debug, args.log_format):

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
+from typing import IO, Optional
 
 from vac.core import config as configmod
+from vac.core.ini import ERROR, Problem
+from vac.ops.logsetup import connected_to_journal
+
+_JOURNAL_PRIORITY = {ERROR: "<3>"}  # anything else is a warning: <4>
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +32,19 @@ def report_config(paths: configmod.ConfigPaths, problems_only: bool) -> int:
     """Print the effective configuration, each value with the file:line that set it (or with
     ``problems_only`` nothing but the problems). Problems go to stderr; 1 on any error."""
     config, problems = configmod.load_config(paths)
-    for problem in problems:
-        print(f"{problem.level}: {problem}", file=sys.stderr)
+    print_problems(problems)
     if config is None:
         return 1
     if not problems_only:
         print(configmod.format_effective_config(config), end="")
     return 0
+
+
+def print_problems(problems: Iterable[Problem], stream: Optional[IO] = None) -> None:
+    """One ``LEVEL: file:line: ...`` line per problem on stderr. Run by systemd (a unit's
+    ``ExecReload=... --check-config``), each line carries its syslog priority for journald."""
+    stream = sys.stderr if stream is None else stream
+    journal = connected_to_journal(stream)
+    for problem in problems:
+        prefix = _JOURNAL_PRIORITY.get(problem.level, "<4>") if journal else ""
+        print(f"{prefix}{problem.level}: {problem}", file=stream)
