@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.test_vcycle_plan import NOW, cloud_type, make_space, record
-from vac.core.heartbeatlists import Beating, cvmfs_proxy, heartbeat_lists, list_text
+from vac.core.heartbeatlists import Beating, cvmfs_proxies, cvmfs_proxy, heartbeat_lists, list_text
 from vac.core.model import MachineState
 
 SQUID = cloud_type("squid", heartbeat_file="heartbeat", heartbeat_seconds=300)
@@ -43,3 +43,4 @@ def test_cvmfs_proxy_from_the_list_then_the_configured_fallback() -> None:
     bare = cloud_type("lhcb", cvmfs_proxy_machinetype="squid")
     assert cvmfs_proxy(bare, lists) == "http://10.0.0.2:280|http://[fd00::2]:280"
     assert cvmfs_proxy(SQUID, lists) is None
+    assert cvmfs_proxies(make_space(SQUID, PILOT), lists) == {"lhcb": cvmfs_proxy(PILOT, lists)}

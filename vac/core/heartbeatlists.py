@@ -72,5 +72,11 @@ def cvmfs_proxy(cloud_type: CloudMachinetype, lists: Mapping[str, tuple[Beating,
     return "|".join(urls) + (f";{configured}" if configured else "")
 
 
+def cvmfs_proxies(space: Space, lists: Mapping[str, tuple[Beating, ...]]) -> dict[str, str]:
+    """Machinetype -> its ``cvmfs_proxy``, for the machinetypes of ``space`` that get one now."""
+    proxies = {name: cvmfs_proxy(cloud_type, lists) for name, cloud_type in space.machinetypes.items()}
+    return {name: proxy for name, proxy in proxies.items() if proxy is not None}
+
+
 def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address

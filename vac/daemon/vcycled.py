@@ -219,8 +219,7 @@ class SpaceWorker:
         self.aborts: dict[str, Finish] = store.load_finishes()
         self.last_seen: dict[str, float] = {}
         self.listed: set[str] = set()  # uuids of the last listing
-        self.addresses: dict[str, str] = {}  # uuid -> address, of the last listing
-        self.address_keys: set[int] = set()  # the same addresses as integers, for the MJF service
+        self.address_keys: set[int] = set()  # the last listing's addresses, for the MJF service
         self.heartbeat_lists: dict[str, tuple[heartbeatlists.Beating, ...]] = {}
         self.written_lists: dict[str, str] = {}  # machinetype -> the list text last written
         self.limit: Optional[int] = space.processors_limit
@@ -328,8 +327,8 @@ class SpaceWorker:
     def plan(self, listed: tuple[vcycleplan.Listed, ...], quota: Any, now: float) -> vcycleplan.Plan:
         executor = self.executor
         listed_uuids = self.listed = {machine.uuid for machine in listed}
-        self.addresses = {machine.uuid: machine.address for machine in listed if machine.address}
-        self.address_keys = {key for key in map(cloudmjf.address_key, self.addresses.values()) if key is not None}
+        addresses = {machine.uuid: machine.address for machine in listed if machine.address}
+        self.address_keys = {key for key in map(cloudmjf.address_key, addresses.values()) if key is not None}
         for machine in listed:
             if machine.state.active:
                 self.last_seen[machine.uuid] = now
@@ -349,10 +348,8 @@ class SpaceWorker:
         heartbeats = self._heartbeats()
         # Before any creation, so that new machines get the proxies listed now.
         self.heartbeat_lists = heartbeatlists.heartbeat_lists(self.space, executor.machines.values(), heartbeats,
-                                                              self.addresses, now)
-        self.works.cvmfs_proxies = {
-            name: proxy for name, proxy in ((name, heartbeatlists.cvmfs_proxy(cloud_type, self.heartbeat_lists))
-                                            for name, cloud_type in self.space.machinetypes.items()) if proxy}
+                                                              addresses, now)
+        self.works.cvmfs_proxies = heartbeatlists.cvmfs_proxies(self.space, self.heartbeat_lists)
         snapshot = vcycleplan.SpaceSnapshot(
             space=self.space, factory=self.factory, listed=listed,
             records={**self.finished, **executor.machines}, finishes=dict(self.aborts),

@@ -124,9 +124,9 @@ class EC2Backend(ReleasedByDeletion):
             instance_id for instance_id in states
             if instance_id not in self._described or self._described[instance_id].incomplete]
         # A state read by the describe is the newer: an instance terminated meanwhile is left out.
-        for instance_id, state in self._describe(unread).items():
+        for instance_id, described in self._describe(unread).items():
             if instance_id in states:  # a cloud answering more than asked is not believed
-                states[instance_id] = (state, states[instance_id][1])
+                states[instance_id] = described
         states = {key: value for key, value in states.items() if value[0] != "terminated"}
         # Instances that are gone are forgotten; one not described yet (just created, and the
         # cloud's listings not yet consistent) is looked at again next cycle.
@@ -151,19 +151,7 @@ class EC2Backend(ReleasedByDeletion):
                 log.warning("space %s: the cloud has no DescribeInstanceStatus (%s): each cycle "
                             "describes every instance instead", self.space.name, error.code)
                 self._describe_all = True
-        what = "DescribeInstances"
-        states = {}
-        for reservation in self._pages("describe_instances", what, "Reservations", MaxResults=1000,
-                                       Filters=[_LIVE_STATES]):
-            for item in field(reservation, "Instances", list, what, optional=True) or []:
-                instance_id = field(item, "InstanceId", str, what)
-                where = f"{what}: instance {instance_id}"
-                self._described[instance_id] = self._read_instance(item, where)
-                placement = item.get("Placement")
-                zone = placement.get("AvailabilityZone") if isinstance(placement, dict) else None
-                states[instance_id] = (field(field(item, "State", dict, where), "Name", str, where),
-                                       zone if isinstance(zone, str) else None)
-        return states
+        return self._describe_where([_LIVE_STATES])
 
     def _instance_statuses(self) -> dict[str, tuple[str, Optional[str]]]:
         what = "DescribeInstanceStatus"
@@ -177,20 +165,30 @@ class EC2Backend(ReleasedByDeletion):
                                    zone if isinstance(zone, str) else None)
         return states
 
-    def _describe(self, instance_ids: list[str]) -> dict[str, str]:
-        """DescribeInstances for these instances, DESCRIBE_BATCH at a time; their state names.
-        A filter, not InstanceIds: an instance gone since it was listed must not fail the call."""
-        what = "DescribeInstances"
+    def _describe(self, instance_ids: list[str]) -> dict[str, tuple[str, Optional[str]]]:
+        """``_describe_where`` these instances, DESCRIBE_BATCH at a time. A filter, not
+        InstanceIds: an instance gone since it was listed must not fail the call."""
         states = {}
         for start in range(0, len(instance_ids), DESCRIBE_BATCH):
-            batch = instance_ids[start:start + DESCRIBE_BATCH]
-            for reservation in self._pages("describe_instances", what, "Reservations", MaxResults=1000,
-                                           Filters=[{"Name": "instance-id", "Values": batch}]):
-                for item in field(reservation, "Instances", list, what, optional=True) or []:
-                    instance_id = field(item, "InstanceId", str, what)
-                    where = f"{what}: instance {instance_id}"
-                    self._described[instance_id] = self._read_instance(item, where)
-                    states[instance_id] = field(field(item, "State", dict, where), "Name", str, where)
+            states.update(self._describe_where([{"Name": "instance-id",
+                                                 "Values": instance_ids[start:start + DESCRIBE_BATCH]}]))
+        return states
+
+    def _describe_where(self, filters: list) -> dict[str, tuple[str, Optional[str]]]:
+        """DescribeInstances with ``filters``: what each instance is goes into ``_described``;
+        returned are their (state name, zone)."""
+        what = "DescribeInstances"
+        states = {}
+        for reservation in self._pages("describe_instances", what, "Reservations", MaxResults=1000,
+                                       Filters=filters):
+            for item in field(reservation, "Instances", list, what, optional=True) or []:
+                instance_id = field(item, "InstanceId", str, what)
+                where = f"{what}: instance {instance_id}"
+                self._described[instance_id] = self._read_instance(item, where)
+                placement = item.get("Placement")
+                zone = placement.get("AvailabilityZone") if isinstance(placement, dict) else None
+                states[instance_id] = (field(field(item, "State", dict, where), "Name", str, where),
+                                       zone if isinstance(zone, str) else None)
         return states
 
     def _read_instance(self, item: Any, what: str) -> _Described:
@@ -314,7 +312,6 @@ class EC2Backend(ReleasedByDeletion):
 
     def listed_ids(self) -> Mapping[str, str]:
         return self._instances
-
 
 
 @dataclasses.dataclass(frozen=True)
