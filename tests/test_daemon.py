@@ -563,6 +563,42 @@ def test_no_timer_while_nothing_is_due(tmp_path, clock):
     run(scenario())
 
 
+def test_reading_the_configuration_leaves_the_loop_free(tmp_path, clock, monkeypatch):
+    """Vacuum pipes may be fetched over HTTP while the configuration is read: that happens in
+    the thread pool, and the loop (metadata, MJF, VacQuery) goes on meanwhile."""
+    import threading
+    import time
+
+    async def scenario():
+        factory, _ = await started(tmp_path, clock)
+        reading = threading.Event()
+        real = factory.read_config
+
+        def slow_read():
+            reading.set()
+            time.sleep(0.5)  # a pipe server answering slowly
+            return real()
+
+        monkeypatch.setattr(factory, "read_config", slow_read)
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while not reading.is_set():
+                await asyncio.sleep(0.01)
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(ticker())
+        await factory.load_config()
+        assert ticks >= 10, "the loop stood still while the configuration was read"
+        await ticking
+        await factory.shutdown()
+
+    run(scenario())
+
+
 def test_a_changed_configuration_file_applies_to_the_next_plan(tmp_path, clock):
     """No SIGHUP, no reconcile: the next plan after an edit sees it."""
     async def scenario():

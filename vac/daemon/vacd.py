@@ -191,25 +191,33 @@ class Factory:
 
     # -- configuration -------------------------------------------------------------------------
 
-    def load_config(self) -> bool:
-        """(Re)load configuration; on errors keep the previous one. True if a config is usable."""
+    async def load_config(self) -> bool:
+        """(Re)load configuration; on errors keep the previous one. True if a config is usable.
+        Reading runs in the thread pool: vacuum pipes may be fetched over HTTP, and the loop
+        serves the machines and peers meanwhile."""
+        config = await self.run_blocking(self.read_config)
+        if config is None:
+            return self.config is not None
+        self.config = config
+        self.apply_settings(config.settings)
+        return True
+
+    def read_config(self) -> Optional[configmod.Config]:
+        """The configuration files (and vacuum pipes) as they are now, problems logged; None
+        if they have errors (blocking: files, and pipes over HTTP)."""
         self.config_stamp = config_stamp(self.paths)  # before reading: a change during it counts
         config, problems = configmod.load_config(self.paths, processor_count=self.processor_count)
         for problem in problems:
             (log.error if problem.level == "error" else log.warning)("%s", problem)
         if config is None:
-            if self.config is None:
-                return False
-            log.error("configuration has errors: keeping the previous configuration")
-            return True
+            if self.config is not None:
+                log.error("configuration has errors: keeping the previous configuration")
+            return None
         if self.config is not None:
             config, lines = self.restart_notices.review(self.config.settings, config)
             for line in lines:
                 log.warning("%s", line)
-        config = self.expand_pipes(config)
-        self.config = config
-        self.apply_settings(config.settings)
-        return True
+        return self.expand_pipes(config)
 
     def apply_settings(self, settings: configmod.Settings) -> None:
         """Hand reloaded settings (and machinetypes) to the parts that keep their own copy."""
@@ -240,7 +248,7 @@ class Factory:
     async def cycle(self, reconcile: bool) -> None:
         if self.reload_requested or reconcile or config_stamp(self.paths) != self.config_stamp:
             self.reload_requested = False
-            self.load_config()
+            await self.load_config()
         now = self.clock()
         if reconcile:
             await self.connect_backends()
@@ -335,7 +343,7 @@ class Factory:
     # -- start and stop ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if not self.load_config():
+        if not await self.load_config():
             raise StartupError("configuration has errors (see above); not starting")
         settings = self.config.settings
         self.store = Store(settings.state_dir)
