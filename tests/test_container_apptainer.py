@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.containerimage import BUSYBOX, BackendHarness, _rootfs_tar
+from tests.test_container_podman import count_scratch_releases
 from vac.backends.base import BackendError
 from vac.backends.container.apptainer import (
     ApptainerBackend,
@@ -155,7 +156,7 @@ def wait_for(path: Path) -> None:
 
 
 @pytest.mark.container
-def test_user_data_runs_as_singularity_user_with_cpu_time(stand_in):
+def test_user_data_runs_as_singularity_user_with_cpu_time(stand_in, monkeypatch):
     backend = stand_in.backend()
     # Written then renamed: the test must never read a file the shell has only just opened.
     script = """\
@@ -173,7 +174,9 @@ echo "300 No more work" > ../joboutputs/shutdown_message
     assert stand_in.store.vm_shutdown_message(machine) == "300 No more work"
     assert backend.cpu_seconds(machine.uuid) >= 1.0
     assert {m.uuid: m.active for m in backend.list_machines()}[machine.uuid] is False
+    released = count_scratch_releases(monkeypatch)
     backend.release(machine, stand_in.settings, directory)
+    assert released == [machine.uuid]  # the kernel's tables are read once, not twice
     assert machine.uuid not in {m.uuid for m in backend.list_machines()}
     assert not (directory / "mnt").exists()
 

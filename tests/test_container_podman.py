@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.containerimage import BackendHarness, podman_image
+from vac.backends import scratch
 from vac.backends.base import BackendError
 from vac.backends.container.cgroups import Cgroups
 from vac.backends.container.engine import EngineBackend, container_name
@@ -77,7 +78,20 @@ def listed(backend: EngineBackend) -> dict:
     return {machine.uuid: machine for machine in backend.list_machines()}
 
 
-def test_user_data_reads_mjf_and_reports_through_joboutputs(factory):
+def count_scratch_releases(monkeypatch) -> list:
+    """The UUIDs ``scratch.release_scratch`` is called with from now on (it still runs)."""
+    calls: list = []
+    real = scratch.release_scratch
+
+    def counted(uuid, *args, **kwargs):
+        calls.append(uuid)
+        real(uuid, *args, **kwargs)
+
+    monkeypatch.setattr(scratch, "release_scratch", counted)
+    return calls
+
+
+def test_user_data_reads_mjf_and_reports_through_joboutputs(factory, monkeypatch):
     backend = factory.backend()
     factory.cvmfs.joinpath("lhcb.cern.ch").mkdir(parents=True)
     factory.cvmfs.joinpath("lhcb.cern.ch", "README").write_text("cvmfs\n")
@@ -114,7 +128,9 @@ echo "300 No more work" > $out/shutdown_message
     assert listed(backend)[machine.uuid].active is False
     assert backend.exit_code(machine.uuid) == 0
 
+    released = count_scratch_releases(monkeypatch)
     backend.release(machine, factory.settings, directory)
+    assert released == [machine.uuid]  # the kernel's tables and LVM are read once, not twice
     assert machine.uuid not in listed(backend)
     assert not (directory / "mnt").exists()
     assert not backend.cgroups.exists(f"{factory.cgroup_root}/podman-{machine.uuid}")

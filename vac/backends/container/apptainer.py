@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from vac.backends import scratch
 from vac.backends.base import BackendError, BackendMachine, StoppedCallback
 from vac.backends.container import common
 from vac.backends.container.cgroups import CgroupError, Cgroups
@@ -106,7 +105,7 @@ def account(name: Optional[str]) -> pwd.struct_passwd:
 _LAUNCHER = 'read -r go && [ "$go" = go ] && exec "$@"; exit 125'
 
 
-class ApptainerBackend:
+class ApptainerBackend(common.ReleasedWithScratch):
     """Machines of the singularity/apptainer models as process trees in cgroups."""
 
     kind = "container"
@@ -121,7 +120,7 @@ class ApptainerBackend:
         self.cgroup_root = cgroup_root.rstrip("/")
         self.cvmfs_root = cvmfs_root
         self.cgroups = cgroups
-        self.volume_group = volume_group  # where a zombie's scratch volume is (a restart option)
+        self.volume_group = volume_group
         self._children: dict[str, subprocess.Popen] = {}
         self._reported: set[str] = set()
         self._starting: set[str] = set()  # cgroup made, process not yet in it: not "ended"
@@ -286,26 +285,15 @@ class ApptainerBackend:
         return [BackendMachine(uuid=uuid, name=f"{CGROUP_PREFIX}{uuid}", active=self._active(uuid),
                                cpu_seconds=self.cpu_seconds(uuid)) for uuid in self._uuids()]
 
-    def cpu_seconds(self, uuid: str) -> Optional[float]:
-        try:
-            return self._cgroups().cpu_seconds(self._path(uuid))
-        except CgroupError as error:
-            log.warning("CPU time of %s unknown: %s", uuid, error)
-            return None
+    def _cgroup_cpu_seconds(self, uuid: str) -> Optional[float]:
+        return self._cgroups().cpu_seconds(self._path(uuid))
 
-    def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
-        """Kill what is left, remove the cgroup (and with it the CPU total) and the scratch."""
-        self.forget(machine.uuid)
-        common.remove_scratch(directory, machine.uuid, settings.volume_group)
-
-    def forget(self, uuid: str) -> None:
-        """Kill what is left, remove the cgroup and the scratch disk (a zombie's, or at
-        ``release``)."""
+    def _discard(self, uuid: str) -> None:
+        """Kill what is left and remove the cgroup."""
         self.destroy(uuid)
         try:
             self._cgroups().remove(self._path(uuid))
         except CgroupError as error:
             raise BackendError(f"{uuid}: {error}") from error
-        scratch.release_scratch(uuid, self.volume_group)
         with self._lock:
             self._reported.discard(uuid)

@@ -4,10 +4,12 @@ A container machine's directory is prepared by the daemon exactly as for a VM (m
 jobfeatures/, joboutputs/, user_data); the backends add ``mnt/``, the machine's scratch space
 (a size-limited disk mounted there with disk_gb_per_processor, vac.backends.scratch), which holds
 the writable directories bound into the container and is removed by ``release``.
+``ReleasedWithScratch`` is how both backends end a machine and read its CPU time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shlex
@@ -20,8 +22,11 @@ from typing import Optional
 from vac.backends import scratch as scratch_disk
 from vac.backends.base import BackendError
 from vac.backends.commands import CommandError, run_command
+from vac.backends.container.cgroups import CgroupError
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONTAINER_COMMAND = "/user_data"
 DOCKER_IMAGE_PREFIX = "docker://"
@@ -117,6 +122,40 @@ def remove_scratch(directory: Path, uuid: str, volume_group: Optional[str]) -> N
         pass
     except OSError as error:
         raise BackendError(f"cannot remove {directory / SCRATCH_DIR}: {error}") from error
+
+
+class ReleasedWithScratch:
+    """What the container backends do with a machine vacd is done with: ``_discard`` removes
+    the container or processes and the cgroup (with it the CPU total); then ``release`` removes
+    the scratch space from the machine's directory, while ``forget`` (a zombie, whose directory
+    is not known) finds its scratch disk by the UUID alone. Each releases the disk once."""
+
+    volume_group: Optional[str]  # where a zombie's scratch volume is (a restart option)
+
+    def _discard(self, uuid: str) -> None:
+        raise NotImplementedError
+
+    def _cgroup_cpu_seconds(self, uuid: str) -> Optional[float]:
+        """The machine's CPU time from its cgroup; CgroupError if it cannot be read."""
+        raise NotImplementedError
+
+    def cpu_seconds(self, uuid: str) -> Optional[float]:
+        try:
+            return self._cgroup_cpu_seconds(uuid)
+        except CgroupError as error:
+            log.warning("CPU time of %s unknown: %s", uuid, error)
+            return None
+
+    def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
+        """Remove the container or processes, the cgroup and the scratch space. Idempotent;
+        the daemon reads ``cpu_seconds`` for accounting before it calls this."""
+        self._discard(machine.uuid)
+        remove_scratch(directory, machine.uuid, settings.volume_group)
+
+    def forget(self, uuid: str) -> None:
+        """Remove the container or processes, the cgroup and the scratch disk of a zombie."""
+        self._discard(uuid)
+        scratch_disk.release_scratch(uuid, self.volume_group)
 
 
 def executable_user_data(directory: Path) -> Path:

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from vac.backends import scratch
 from vac.backends.base import BackendError, BackendMachine, StoppedCallback
 from vac.backends.container import common
 from vac.backends.container.cgroups import CgroupError, Cgroups, Limits, parse_proc_cgroup
@@ -258,7 +257,7 @@ def _is_gone(error: BackendError) -> bool:
     return "no such container" in str(error).lower()
 
 
-class EngineBackend:
+class EngineBackend(common.ReleasedWithScratch):
     """Machines of the docker/podman models as containers of one engine (``MachineBackend``)."""
 
     kind = "container"
@@ -278,7 +277,7 @@ class EngineBackend:
         self.network = network
         self.cgroup_root = cgroup_root
         self.cvmfs_root = cvmfs_root
-        self.volume_group = volume_group  # where a zombie's scratch volume is (a restart option)
+        self.volume_group = volume_group
         self.cgroups: Optional[Cgroups] = None
         self._closing = threading.Event()
         self._events: Optional[subprocess.Popen] = None
@@ -431,18 +430,14 @@ class EngineBackend:
                                cpu_seconds=self.cpu_seconds(info.uuid))
                 for info in parse_ps(text)]
 
-    def cpu_seconds(self, uuid: str) -> Optional[float]:
+    def _cgroup_cpu_seconds(self, uuid: str) -> Optional[float]:
         """CPU time of the container's processes from its parent cgroup, running or exited, until
         ``release``; the engine's monitor (conmon), which lives beside it, is not counted."""
         if self.cgroups is None:
             return None
         parent = cgroup_parent(self.cgroup_root, self.engine.name, uuid)
-        try:
-            total = self.cgroups.cpu_seconds(parent)
-            monitor = self.cgroups.cpu_seconds(f"{parent}/conmon") or 0.0
-        except CgroupError as error:
-            log.warning("CPU time of %s unknown: %s", uuid, error)
-            return None
+        total = self.cgroups.cpu_seconds(parent)
+        monitor = self.cgroups.cpu_seconds(f"{parent}/conmon") or 0.0
         return None if total is None else max(0.0, total - monitor)
 
     def limits(self, uuid: str) -> Optional[Limits]:
@@ -467,19 +462,11 @@ class EngineBackend:
         code = state.get("ExitCode")
         return code if isinstance(code, int) else None
 
-    def release(self, machine: Machine, settings: Settings, directory: Path) -> None:
-        """Remove the container, its parent cgroup and its scratch space. Idempotent; the daemon
-        reads ``cpu_seconds`` for accounting before it calls this."""
-        self.forget(machine.uuid)
-        common.remove_scratch(directory, machine.uuid, settings.volume_group)
-
-    def forget(self, uuid: str) -> None:
-        """Remove the container, its parent cgroup and its scratch disk (a zombie's, or at
-        ``release``)."""
+    def _discard(self, uuid: str) -> None:
+        """Remove the container and its parent cgroup."""
         self._remove(uuid)
         if self.cgroups is not None:
             try:
                 self.cgroups.remove(cgroup_parent(self.cgroup_root, self.engine.name, uuid))
             except CgroupError as error:
                 raise BackendError(f"{uuid}: {error}") from error
-        scratch.release_scratch(uuid, self.volume_group)
