@@ -19,10 +19,11 @@ from typing import Callable, Optional
 
 import pytest
 
+from tests import tiers
+
 GOLDEN_DIR = Path(__file__).parent / "golden"
 SYSTEM_URI = "qemu:///system"
 GUEST_DIR_VARIABLE = "VAC_TEST_GUEST_DIR"
-REQUIRE_SYSTEM_VARIABLE = "VAC_REQUIRE_SYSTEM"
 TEST_NETWORK_PREFIX = "vactest-"  # scripts/testbed-down removes leftovers of dead test runs
 GUEST_MEMORY_MIB = 96  # the smallest that boots reliably under TCG (TESTBED.md §3)
 
@@ -105,10 +106,7 @@ def _system_tier_problem() -> tuple[Optional[str], Optional[TestGuest]]:
 def system_guest() -> TestGuest:
     """The test guest, once libvirtd is known to be reachable; skips (or fails) otherwise."""
     problem, guest = _system_tier_problem()
-    if problem:
-        if os.environ.get(REQUIRE_SYSTEM_VARIABLE) == "1":
-            pytest.fail(f"system tier required but unavailable: {problem}")
-        pytest.skip(problem)
+    tiers.require(tiers.SYSTEM, problem)
     return guest
 
 

@@ -21,6 +21,7 @@ import uuid as uuidmod
 from pathlib import Path
 from typing import Any, Optional
 
+from tests import tiers
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
 from vac.records.store import Store
@@ -84,15 +85,10 @@ def busybox_image(engine: str = "podman", repository: str = IMAGE_REPOSITORY) ->
     return image
 
 
-def require_container_tier(reason: str) -> None:
+def require_container_tier(reason: Optional[str]) -> None:
     """With a reason the tier cannot run: fail where it is required (CI, VAC_REQUIRE_CONTAINER=1),
     skip elsewhere."""
-    import pytest
-
-    if reason:
-        if os.environ.get("VAC_REQUIRE_CONTAINER") == "1":
-            pytest.fail(f"container tier required but {reason}")
-        pytest.skip(reason)
+    tiers.require(tiers.CONTAINER, reason)
 
 
 def podman_image() -> str:

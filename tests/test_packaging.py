@@ -1,7 +1,6 @@
 """Packaging: the RPM built from this tree, the systemd units, tmpfiles, logrotate, Puppet module."""
 
 import configparser
-import os
 import re
 import shutil
 import stat
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
 from tests.packages import REPO, SPEC, build_rpms
 from vac import __version__
 from vac.records.store import SUBDIRECTORIES
@@ -133,9 +133,7 @@ def puppet() -> str:
     """The puppet command; CI installs it with the systemd tier's tools, which must not skip."""
     found = shutil.which("puppet")
     if found is None:
-        if os.environ.get("VAC_REQUIRE_SYSTEMD") == "1":
-            pytest.fail("puppet is not installed but VAC_REQUIRE_SYSTEMD=1 (.ci/run installs it)")
-        pytest.skip("puppet not installed")
+        tiers.require(tiers.SYSTEMD, "puppet not installed")
     return found
 
 
@@ -171,7 +169,8 @@ def test_puppet_templates_render_valid_fragments(puppet):
 @pytest.fixture(scope="module")
 def rpms(tmp_path_factory) -> dict:
     if shutil.which("rpmbuild") is None:
-        pytest.skip("rpmbuild not installed")
+        # .ci/run installs rpm with the systemd tier's tools, whose tier builds these RPMs too.
+        tiers.require(tiers.SYSTEMD, "rpmbuild not installed")
     built = build_rpms(tmp_path_factory.mktemp("rpmbuild"))
     assert set(built) == {"vac", "vac-command", "vac-vcycle"}, built
     return built

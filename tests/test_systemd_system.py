@@ -45,12 +45,12 @@ from typing import Optional
 
 import pytest
 
+from tests import tiers
 from tests.packages import REPO, build_rpms
 
 pytestmark = pytest.mark.systemd
 
 ROOT_VARIABLE = "VAC_TEST_SYSTEMD_ROOT"
-REQUIRE_VARIABLE = "VAC_REQUIRE_SYSTEMD"  # set by scripts/run-tests as root: fail, never skip
 BUILD_SCRIPT = REPO / "scripts" / "build-systemd-root.sh"
 BUILD_SECONDS = 900  # debootstrap plus apt: about 70 s with a near mirror
 BOOT_SECONDS = 120
@@ -135,12 +135,6 @@ SSMSEND_STUB = """#!/bin/sh
 queue=$(sed -n 's/^path *[:=] *//p' "$2")
 echo "ssmsend stub: $(find "$queue" -type f | wc -l) messages in $queue"
 """
-
-
-def fail_or_skip(reason: str):
-    if os.environ.get(REQUIRE_VARIABLE) == "1":
-        pytest.fail(f"systemd tier required but unavailable: {reason}")
-    pytest.skip(reason)
 
 
 class Container:
@@ -300,10 +294,10 @@ def first_boot_facts(container: Container) -> dict:
 @pytest.fixture(scope="module")
 def container(tmp_path_factory) -> Container:
     if os.geteuid() != 0:
-        fail_or_skip("the systemd tier needs root")
+        tiers.require(tiers.SYSTEMD, "the systemd tier needs root")
     for tool in ("debootstrap", "systemd-nspawn", "nsenter", "rpmbuild", "rpm", "mount", "umount"):
         if shutil.which(tool) is None:
-            fail_or_skip(f"{tool} is not installed")
+            tiers.require(tiers.SYSTEMD, f"{tool} is not installed")
     cache = Path(os.environ.get(ROOT_VARIABLE) or REPO / "systemd-root")
     built = subprocess.run([str(BUILD_SCRIPT), str(cache)], capture_output=True, text=True,
                            timeout=BUILD_SECONDS)

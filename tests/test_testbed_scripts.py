@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
+
 ROOT = Path(__file__).resolve().parent.parent
 PREFLIGHT = ROOT / "scripts" / "testbed-preflight"
 
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.component
 def in_own_netns(script: str, uri: str) -> subprocess.CompletedProcess:
     """Run ``script`` (sh) in a new network namespace that only this test uses."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("virsh") is None:
-        pytest.skip("needs root, unshare and virsh")
+        tiers.require(tiers.SYSTEM, "needs root, unshare and virsh")
     return subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True,
                           timeout=60, env=dict(os.environ, VAC_TESTBED_URI=uri), check=False)
 
