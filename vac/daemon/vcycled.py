@@ -227,6 +227,7 @@ class SpaceWorker:
         self.backoff = min_backoff
         self.last_plan: Optional[vcycleplan.Plan] = None
         self.last_error: Optional[str] = None
+        self.task: Optional[asyncio.Future] = None  # the cycle under way (vcycled runs it)
         for machine in store.live_machines():
             self.executor.machines[machine.uuid] = machine
             self.works.index(machine)
@@ -235,6 +236,15 @@ class SpaceWorker:
     @property
     def store(self) -> Store:
         return self.works.store
+
+    def carry_over(self, old: SpaceWorker) -> None:
+        """Take over what a worker of the same space knew before its configuration changed:
+        the finished machines the cloud still lists (else they would be taken over as new),
+        when machines were last seen, the backoff, and a cycle still under way."""
+        self.finished = dict(old.finished)
+        self.last_seen = dict(old.last_seen)
+        self.backoff_until, self.backoff = old.backoff_until, old.backoff
+        self.task = old.task
 
     def settings_for(self, name: str) -> Settings:
         """MJF and APEL see the machinetype's HS06 and memory per processor."""
@@ -477,8 +487,10 @@ class Vcycled:
         self.notifier: Any = None
         self.last_cycle = time.time()
 
-    def reload(self) -> None:
-        """Re-read the configuration; on errors keep the one in force (and say so)."""
+    def read_config(self) -> Optional[dict[str, SpaceWorker]]:
+        """The workers for the configuration as it is now (blocking: files, vacuum pipes over
+        HTTP, the records of a new space): those of unchanged spaces as they are, a new one
+        for a space added or changed. None: the configuration has errors, keep the current."""
         config, problems = load_vcycle_config(self.paths, hostname=self.factory)
         for problem in problems:
             log.log(logging.ERROR if problem.is_error else logging.WARNING, "%s", problem)
@@ -486,19 +498,23 @@ class Vcycled:
             if self.config is None:
                 raise SystemExit("vcycled: the configuration has errors (vcycle conf --check)")
             log.error("configuration has errors: keeping the previous one")
-            return
+            return None
         self.config = config
+        workers = {}
         for name, space in config.spaces.items():
             space = expand_space_pipes(space, str(self.state_root / "spaces" / name))
             worker = self.workers.get(name)
             if worker is None or worker.space != space:
                 https = (space.https_host or self.factory, space.https_port)
-                self.workers[name] = SpaceWorker(space, self.factory, self.state_root, https,
-                                                 self.backend_factory, self.started, self.rng, self.runtime,
-                                                 self.metrics, self.args.cycle_seconds)
-        for name in set(self.workers) - set(config.spaces):
+                new = SpaceWorker(space, self.factory, self.state_root, https, self.backend_factory,
+                                  self.started, self.rng, self.runtime, self.metrics, self.args.cycle_seconds)
+                if worker is not None:
+                    new.carry_over(worker)
+                worker = new
+            workers[name] = worker
+        for name in set(self.workers) - set(workers):
             log.warning("space %s is no longer configured: its machines are left alone", name)
-            del self.workers[name]
+        return workers
 
     def resolve(self, space: str, name: str) -> Optional[cloudmjf.CloudMachineFiles]:
         worker = self.workers.get(space)
@@ -539,7 +555,7 @@ class Vcycled:
             registry = metrics.Metrics()
             self.metrics = VcycleMetrics(registry)
             metrics_runner = await metrics.start_metrics_server(registry, self.args.metrics_port)
-        self.reload()
+        await self.reload()
         for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                                 (signal.SIGHUP, self.request_reload)):
             loop.add_signal_handler(signum, handler)
@@ -563,25 +579,36 @@ class Vcycled:
             self.notifier.stopping()
             if watchdog is not None:
                 watchdog.cancel()
+            for worker in self.workers.values():
+                if worker.task is not None:
+                    worker.task.cancel()
             await listener.close()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             await self.runtime.cancel()
             log.info("vcycled stopping; machines keep running")
 
+    async def reload(self) -> None:
+        workers = await self.runtime.call(self.read_config)
+        if workers is not None:
+            self.workers = workers  # swapped on the loop, where the MJF service reads it
+
     async def cycle(self) -> None:
+        """Reload, then a cycle of each space as a task of its own, waited for at most a cycle:
+        a cloud that hangs holds back only its own space, whose next cycle waits for it."""
         try:
-            await self.runtime.call(self.reload)
+            await self.reload()
         except SystemExit as error:
             log.error("%s", error)
         now = time.time()
         workers = list(self.workers.values())
-        results = await asyncio.gather(*(worker.cycle(now) for worker in workers), return_exceptions=True)
-        for worker, result in zip(workers, results):
-            if isinstance(result, BaseException):
-                log.error("space %s: cycle failed: %s: %s", worker.space.name, type(result).__name__, result)
+        for worker in workers:
+            if worker.task is not None and not worker.task.done():
+                log.warning("space %s: its previous cycle is still running: this one is skipped",
+                            worker.space.name)
             else:
-                self._write_status(worker)
+                worker.task = asyncio.ensure_future(self._space_cycle(worker, now))
+        await asyncio.wait([worker.task for worker in workers], timeout=self.args.cycle_seconds)
         if self.metrics is not None:
             self.metrics.publish(workers)
         machines = sum(len(worker.executor.machines) for worker in workers)
@@ -589,6 +616,14 @@ class Vcycled:
         text = f"{len(workers)} spaces, {machines} machines" + (f"; failing: {', '.join(failing)}" if failing else "")
         # READY=1 after every cycle: harmless once ready, and it ends a reload (RELOADING=1).
         self.notifier.ready(text)
+
+    async def _space_cycle(self, worker: SpaceWorker, now: float) -> None:
+        try:
+            await worker.cycle(now)
+        except Exception as error:  # noqa: BLE001 - one space's bug must not stop the others
+            log.error("space %s: cycle failed: %s: %s", worker.space.name, type(error).__name__, error)
+        else:
+            self._write_status(worker)
 
     def _write_status(self, worker: SpaceWorker) -> None:
         import json
