@@ -15,8 +15,9 @@ from vac.backends.base import BackendError, BackendMachine
 from vac.core.cloud import CloudState
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
-from vac.core.vcycleconfig import GRID_CA_PATH, Space
+from vac.core.vcycleconfig import GRID_CA_PATH, CloudMachinetype, Space
 
+MAX_PAGES = 1000  # bound on the pages of one listing (1000 items a page: 10^6)
 MAX_PUBLIC_KEY_BYTES = 16 * 1024
 _KEY_TYPES = ("ssh-rsa", "ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
               "ecdsa-sha2-nistp521", "ssh-dss")
@@ -69,6 +70,16 @@ class ReleasedByDeletion:
         """Machine uuid -> cloud ID of the last listing (and creations since)."""
         raise NotImplementedError
 
+    def list_machines(self) -> list[CloudMachine]:
+        raise NotImplementedError
+
+    def _cloud_id(self, uuid: str) -> Optional[str]:
+        """The cloud ID of machine ``uuid``, listing again if it is not known; None if the
+        cloud has no such machine."""
+        if uuid not in self.listed_ids():
+            self.list_machines()
+        return self.listed_ids().get(uuid)
+
     def destroy(self, uuid: str) -> None:
         raise NotImplementedError
 
@@ -78,6 +89,22 @@ class ReleasedByDeletion:
 
     def forget(self, uuid: str) -> None:
         """Nothing is kept beyond the machine itself."""
+
+
+def space_machinetype(space: Space, machinetype: Machinetype) -> CloudMachinetype:
+    """What ``space`` says of ``machinetype``; BackendError if the space does not run it."""
+    extra = space.machinetypes.get(machinetype.name)
+    if extra is None:
+        raise BackendError(f"space {space.name}: machinetype {machinetype.name} is not configured")
+    return extra
+
+
+def read_user_data(directory: Path) -> bytes:
+    """The user_data vcycled prepared in the machine's ``directory``."""
+    try:
+        return (directory / "user_data").read_bytes()
+    except OSError as error:
+        raise BackendError(f"{directory}/user_data: {error.strerror}") from None
 
 
 def tls_verify(space: Space) -> Union[str, bool]:

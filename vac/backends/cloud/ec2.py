@@ -18,12 +18,15 @@ import botocore.exceptions
 
 from vac.backends.base import BackendError
 from vac.backends.cloud.common import (
+    MAX_PAGES,
     CloudError,
     CloudMachine,
     Quota,
     ReleasedByDeletion,
     field,
     read_public_key,
+    read_user_data,
+    space_machinetype,
     tls_verify,
 )
 from vac.core import cloud
@@ -34,7 +37,6 @@ from vac.core.vcycleconfig import Space
 log = logging.getLogger(__name__)
 
 MAX_USER_DATA_BYTES = 16 * 1024  # EC2's limit, before base64
-MAX_PAGES = 1000
 # What EC2-compatible clouds answer for an API call they do not implement.
 _NO_SUCH_CALL = ("InvalidAction", "UnsupportedOperation", "NotImplemented", "UnknownOperation")
 DESCRIBE_BATCH = 200  # EC2 takes at most 200 values in one filter
@@ -235,19 +237,14 @@ class EC2Backend(ReleasedByDeletion):
 
     def create(self, machine: Machine, machinetype: Machinetype, settings: Settings,
                directory: Path) -> None:
-        extra = self.space.machinetypes.get(machinetype.name)
-        if extra is None:
-            raise BackendError(f"space {self.space.name}: machinetype {machinetype.name} is not configured")
+        extra = space_machinetype(self.space, machinetype)
         flavors = extra.flavor_names or self.space.flavor_names
         if not flavors:
             raise BackendError(f"machine {machine.name}: EC2 needs flavor_names (instance types)")
         root_image = machinetype.root_image or ""
         if not root_image.startswith("image:"):
             raise BackendError(f"machine {machine.name}: EC2 root_image must be image:AMI-ID, not {root_image!r}")
-        try:
-            user_data = (directory / "user_data").read_bytes()
-        except OSError as error:
-            raise BackendError(f"{directory}/user_data: {error.strerror}") from None
+        user_data = read_user_data(directory)
         if len(user_data) > MAX_USER_DATA_BYTES:
             raise BackendError(f"machine {machine.name}: user_data is {len(user_data)} bytes, "
                                f"more than EC2's {MAX_USER_DATA_BYTES}")
@@ -290,19 +287,14 @@ class EC2Backend(ReleasedByDeletion):
 
     # --- stopping --------------------------------------------------------------------------
 
-    def _instance_id(self, uuid: str) -> Optional[str]:
-        if uuid not in self._instances:
-            self.list_machines()
-        return self._instances.get(uuid)
-
     def stop(self, uuid: str) -> None:
-        instance_id = self._instance_id(uuid)
+        instance_id = self._cloud_id(uuid)
         if instance_id is not None:
             self._call("stop_instances", f"StopInstances {instance_id} (machine {uuid})",
                        InstanceIds=[instance_id])
 
     def destroy(self, uuid: str) -> None:
-        instance_id = self._instance_id(uuid)
+        instance_id = self._cloud_id(uuid)
         if instance_id is None:
             return
         self._call("terminate_instances", f"TerminateInstances {instance_id} (machine {uuid})",

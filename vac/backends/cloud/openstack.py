@@ -24,6 +24,7 @@ from keystoneauth1.identity import v3
 from vac import __version__
 from vac.backends.base import BackendError
 from vac.backends.cloud.common import (
+    MAX_PAGES,
     CloudError,
     CloudMachine,
     Quota,
@@ -31,6 +32,8 @@ from vac.backends.cloud.common import (
     field,
     local_image_path,
     read_public_key,
+    read_user_data,
+    space_machinetype,
     tls_verify,
 )
 from vac.core import cloud
@@ -40,7 +43,6 @@ from vac.core.vcycleconfig import Space
 
 log = logging.getLogger(__name__)
 
-MAX_PAGES = 1000  # bound on following "next" links (1000 servers a page by default: 10^6)
 MAX_USER_DATA_BYTES = 65535  # Nova's limit on the base64 text
 RETRIED_STATUSES = [429, 502, 503, 504]
 _IMAGE_FORMATS = {".iso": "iso", ".qcow2": "qcow2", ".img": "raw", ".raw": "raw"}
@@ -217,9 +219,7 @@ class OpenStackBackend(ReleasedByDeletion):
 
     def create(self, machine: Machine, machinetype: Machinetype, settings: Settings,
                directory: Path) -> None:
-        extra = self.space.machinetypes.get(machinetype.name)
-        if extra is None:
-            raise BackendError(f"space {self.space.name}: machinetype {machinetype.name} is not configured")
+        extra = space_machinetype(self.space, machinetype)
         flavor = cloud.choose_flavor(list(self._flavor_table().values()),
                                      extra.flavor_names or self.space.flavor_names,
                                      machinetype.min_processors, machinetype.max_processors)
@@ -227,7 +227,7 @@ class OpenStackBackend(ReleasedByDeletion):
             raise BackendError(f"machine {machine.name}: no flavor with {machinetype.min_processors} to "
                                f"{machinetype.max_processors} vCPUs among "
                                f"{' '.join(extra.flavor_names or self.space.flavor_names) or 'the project flavors'}")
-        user_data = _read_user_data(directory)
+        user_data = base64.b64encode(read_user_data(directory))
         if len(user_data) > MAX_USER_DATA_BYTES:
             raise BackendError(f"machine {machine.name}: user_data is {len(user_data)} bytes in base64, "
                                f"more than Nova's {MAX_USER_DATA_BYTES}")
@@ -328,13 +328,8 @@ class OpenStackBackend(ReleasedByDeletion):
 
     # --- stopping --------------------------------------------------------------------------
 
-    def _server_id(self, uuid: str) -> Optional[str]:
-        if uuid not in self._servers:
-            self.list_machines()
-        return self._servers.get(uuid)
-
     def stop(self, uuid: str) -> None:
-        server_id = self._server_id(uuid)
+        server_id = self._cloud_id(uuid)
         if server_id is None:
             return
         what = f"stopping server {server_id} (machine {uuid})"
@@ -343,7 +338,7 @@ class OpenStackBackend(ReleasedByDeletion):
                    json={"os-stop": None}, tolerate=(404, 409))
 
     def destroy(self, uuid: str) -> None:
-        server_id = self._server_id(uuid)
+        server_id = self._cloud_id(uuid)
         if server_id is None:
             return
         self._call("DELETE", f"{self._compute}/servers/{server_id}",
@@ -352,13 +347,6 @@ class OpenStackBackend(ReleasedByDeletion):
 
     def listed_ids(self) -> Mapping[str, str]:
         return self._servers
-
-
-def _read_user_data(directory: Path) -> bytes:
-    try:
-        return base64.b64encode((directory / "user_data").read_bytes())
-    except OSError as error:
-        raise BackendError(f"{directory}/user_data: {error.strerror}") from None
 
 
 def _next_link(answer: dict, key: str, url: str) -> Optional[str]:
