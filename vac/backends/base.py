@@ -51,8 +51,10 @@ class MachineBackend(Protocol):
     """One kind of machine. ``kind`` names it in logs and status ("vm", "container", "cloud").
 
     The daemon's stop is ``stop``, a grace period, then ``destroy``; a machine has ended when
-    it is listed inactive or ``on_stopped`` named it (which may repeat, and may name UUIDs the
-    daemon does not know). A listed machine stays listed, inactive, until ``release``.
+    it is listed inactive, is no longer listed, or ``on_stopped`` named it (which may repeat,
+    and may name UUIDs the daemon does not know). An ended machine stays listed, inactive,
+    until ``release`` (an exited container, a stopped cloud server), or is no longer listed at
+    all (a transient VM, a terminated EC2 instance).
     """
 
     kind: str

@@ -3,7 +3,7 @@
 ``Hypervisor`` is one libvirt connection with lifecycle events, reconnection after a libvirtd
 restart, idempotent destroy, and listing of vac domains with the identity stored in their XML
 (vac.backends.vm.domain makes that XML). Its methods block; vacd calls them from its thread pool
-through vac.backends.vm.libvirt's ``LibvirtBackend``.
+through vac.backends.vm.backend's ``LibvirtBackend``.
 
 Events arrive on libvirt's native event-loop thread and are handed to the ``event_sink`` given
 to ``Hypervisor`` as ``DomainEvent`` objects; the sink must be thread-safe and quick (for example
