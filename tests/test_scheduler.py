@@ -348,11 +348,6 @@ def test_should_account_only_after_fizzle_seconds(started, fizzle, accounted):
     assert should_account(machine(0, "lhcb", started=started), lhcb, NOW) is accounted
 
 
-def test_should_account_unknown_type_uses_the_default_fizzle_seconds():
-    assert should_account(machine(0, "gone", started=NOW - 600), None, NOW)
-    assert not should_account(machine(0, "gone", started=NOW - 599), None, NOW)
-
-
 # --------------------------------------------------------------------------------------------
 # local_machinetype_reports
 

@@ -11,9 +11,6 @@ import enum
 import ipaddress
 from typing import Optional
 
-FACTORY_ADDRESS = "169.254.169.253"
-METADATA_ADDRESS = "169.254.169.254"
-NETWORK_NAME = "vac_169.254.0.0"
 NETWORK_PREFIX = 16
 CLASSIC_SLOTS = 253  # slots 0..252 live in 169.254.169.0/24, as in the classic plan
 MAX_SLOTS = CLASSIC_SLOTS + (254 - 170 + 1) * 256
@@ -80,9 +77,6 @@ class MachineState(str, enum.Enum):
             MachineState.FINISHING: "Shut down",
             MachineState.FINISHED: "Shut down",
         }[self]
-
-
-WIRE_STATES = ("Unknown", "Shut down", "Starting", "Running", "Paused")
 
 # The legal changes of a machine's state (ARCHITECTURE.md §4). CREATING -> FINISHING is a failed
 # creation or a machine a restart found never started; RUNNING -> FINISHING one that ended by

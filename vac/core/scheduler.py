@@ -204,20 +204,10 @@ def finish_message(
     return None
 
 
-def should_account(machine: Machine, machinetype: Optional[Machinetype], now: float) -> bool:
-    """An APEL record is due only for a machine that ran at least fizzle_seconds.
-
-    For a machinetype no longer configured the default fizzle_seconds applies, so real work is
-    still accounted.
-    """
-    if machine.started is None:
-        return False
-    fizzle_seconds = (
-        machinetype.fizzle_seconds
-        if machinetype is not None
-        else Machinetype(name=machine.machinetype).fizzle_seconds
-    )
-    return _ran_seconds(machine, now) >= fizzle_seconds
+def should_account(machine: Machine, machinetype: Machinetype, now: float) -> bool:
+    """An APEL record is due only for a machine that ran at least fizzle_seconds (one of a
+    machinetype no longer configured is never accounted: lifecycle.finish_steps)."""
+    return machine.started is not None and _ran_seconds(machine, now) >= machinetype.fizzle_seconds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,6 @@ MAX_SPACE_BACKOFF_SECONDS = 600.0
 DEFAULT_CYCLE_SECONDS = 60.0
 DEFAULT_CERT = "/etc/grid-security/hostcert.pem"
 DEFAULT_KEY = "/etc/grid-security/hostkey.pem"
-DEFAULT_LOG = "/var/log/vcycle/vcycled"
 STATUS_FILE = "status.json"
 
 ImageResolver = Callable[[Machinetype], Optional[Path]]
