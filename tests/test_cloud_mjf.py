@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import ipaddress
+import logging
 import socket
 import ssl
+import struct
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +19,7 @@ import pytest
 
 from tests.localhttp import make_tls_files
 from vac.services import cloudmjf
-from vac.services.metadata import DEFAULT_LIMITS, Limits, write_mjf
+from vac.services.metadata import DEFAULT_LIMITS, Limits, joboutputs, write_mjf
 
 pytestmark = pytest.mark.component
 
@@ -130,6 +133,73 @@ def test_heartbeat_lists_only_to_the_spaces_machines(service: Running, tmp_path:
                  base("vcycle-lhcb-b", "other-token") + "/heartbeatlists/squid"):
         assert service.request("GET", path)[0] == 404, path
     assert service.request("PUT", url + "/squid", b"x")[0] == 403
+
+
+def open_upload(service: Running, name: str, length: int) -> ssl.SSLSocket:
+    """A TLS connection with the headers of a PUT of ``length`` bytes sent (the body is not)."""
+    context = ssl.create_default_context(capath=str(service.ca_dir))
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", service.port), 10),
+                               server_hostname="127.0.0.1")
+    sock.sendall(f"PUT {base(name)}/joboutputs/log HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode())
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")  # the handler now reads the body
+    return sock
+
+
+def reset(sock: ssl.SSLSocket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def request_lines(caplog: pytest.LogCaptureFixture, method: str) -> list[logging.LogRecord]:
+    """The service's log records about ``method`` requests, once there are any (within 10 s)."""
+    give_up = time.monotonic() + 10
+    while time.monotonic() < give_up:
+        records = [record for record in caplog.records
+                   if record.name == cloudmjf.log.name and f" {method}" in record.getMessage()]
+        if records:
+            return records
+        time.sleep(0.05)
+    raise AssertionError(f"no {method} request was logged")
+
+
+def test_a_client_resetting_mid_upload_is_logged_as_gone_not_as_an_error(
+        service: Running, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)
+    with caplog.at_level(logging.INFO, logger=cloudmjf.log.name):
+        sock = open_upload(service, "vcycle-lhcb-a", 1000)
+        sock.sendall(b"x" * 10)
+        reset(sock)
+        records = request_lines(caplog, "PUT")
+    assert [(record.levelno, record.getMessage()) for record in records] == [
+        (logging.INFO, "cloud MJF cloud.example.org/vcycle-lhcb-a PUT 499: client closed the connection")]
+    assert not (directory / "joboutputs" / "log").exists()
+
+
+def test_a_client_leaving_during_the_write_is_logged_as_gone_and_the_file_is_written(
+        service: Running, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)
+    release = threading.Event()
+    write = joboutputs.atomic_write
+
+    def slow_write(*args: object) -> None:
+        release.wait(10)  # the client leaves meanwhile: aiohttp cancels the handler
+        write(*args)
+
+    monkeypatch.setattr(joboutputs, "atomic_write", slow_write)
+    with caplog.at_level(logging.INFO, logger=cloudmjf.log.name):
+        sock = open_upload(service, "vcycle-lhcb-a", 5)
+        sock.sendall(b"alive")
+        reset(sock)
+        records = request_lines(caplog, "PUT")
+    release.set()
+    assert [(record.levelno, record.getMessage()) for record in records] == [
+        (logging.INFO, "cloud MJF cloud.example.org/vcycle-lhcb-a PUT 499: client closed the connection")]
+    give_up = time.monotonic() + 10
+    while not (directory / "joboutputs" / "log").exists() and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert (directory / "joboutputs" / "log").read_bytes() == b"alive"  # the body had arrived
 
 
 def test_a_machines_address_gets_a_machines_share_and_a_nat_gateway_more(tmp_path: Path) -> None:

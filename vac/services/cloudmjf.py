@@ -26,7 +26,7 @@ import logging
 import re
 import ssl
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from aiohttp import web
 
@@ -40,18 +40,15 @@ from vac.services.fairness import (
     reserved_descriptors,
     serve_fairly,
 )
-from vac.services.metadata import (
-    DEFAULT_LIMITS,
-    MJF_DIRECTORIES,
-    MJF_KEY,
-    BadPath,
-    Limits,
-    path_segments,
-    read_document,
+from vac.services.metadata import DEFAULT_LIMITS, BadPath, Limits, path_segments, read_document
+from vac.services.metadata.base import (
+    RequestLog,
+    bytes_response,
+    catch_all_application,
+    status_response,
 )
-from vac.services.metadata.base import bytes_response, status_response, text_response
 from vac.services.metadata.joboutputs import Uploads
-from vac.services.metadata.mjf import mjf_listing
+from vac.services.metadata.mjf import mjf_get
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +70,8 @@ class CloudMachineFiles:
 
 # (space, machine name) -> its files, or None for an unknown machine
 CloudResolver = Callable[[str, str], Optional[CloudMachineFiles]]
+# A request's machine (its files) and the rest of its path after the token, or the 404 refusing it
+Attribution = Union[web.Response, tuple[CloudMachineFiles, list[str]]]
 
 
 def machine_url(host: str, port: int, space: str, name: str, token: str) -> str:
@@ -126,49 +125,35 @@ class CloudMjf:
     def __init__(self, resolve: CloudResolver, limits: Limits):
         self.resolve = resolve
         self.uploads = Uploads(limits)
-        self.log_limiter = LogLimiter(limits.log_burst, limits.log_per_second)
+        self.request_log = RequestLog(log, limits)
 
     def application(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", r"/{path:[\s\S]*}", self._entry, expect_handler=_no_expect)
-        return app
+        return catch_all_application(self._entry)
 
-    def _attribute(self, segments: list[str]) -> tuple[str, Optional[CloudMachineFiles]]:
+    def _attribute(self, request: web.Request) -> tuple[str, Attribution]:
+        """Who sent ``request`` (for the log), and what it asks of which machine."""
+        try:
+            segments = path_segments(request.rel_url.raw_path)
+        except BadPath as error:
+            return "?", status_response(404, str(error))
         if len(segments) < 5 or segments[0] != PREFIX:
-            return "?", None
+            return "?", status_response(404, "no such machine")
         space, name, token = segments[1:4]
         files = self.resolve(space, name)
         if files is None or not hmac.compare_digest(files.token.encode(), token.encode()):
-            return f"unknown({space}/{name})", None
-        return f"{space}/{name}", files
+            return f"unknown({space}/{name})", status_response(404, "no such machine")
+        return f"{space}/{name}", (files, segments[4:])
 
     async def _entry(self, request: web.Request) -> web.StreamResponse:
-        who, status = "?", 500
-        try:
-            try:
-                segments = path_segments(request.rel_url.raw_path)
-            except BadPath as error:
-                response = status_response(404, str(error))
-            else:
-                who, files = self._attribute(segments)
-                response = await self._handle(request, files, segments[4:])
-            status = response.status
-            return response
-        except OSError as error:  # disk trouble, the machine's directory removed as it finishes
-            log.error("cloud MJF %s %s: %s", who, request.method, error)
-            return status_response(500, "this machine's files cannot be used")
-        finally:
-            dropped = self.log_limiter.admit(who)
-            if dropped is not None:
-                note = f" ({dropped} lines from {who} suppressed)" if dropped else ""
-                # Never the raw path: it holds the machine's token.
-                log.log(logging.ERROR if status >= 500 else logging.INFO, "cloud MJF %s %s %d%s",
-                        who, request.method, status, note)
+        who, target = self._attribute(request)
+        # Never the raw path in the log: it holds the machine's token.
+        return await self.request_log.answer(who, f"cloud MJF {who} {request.method}",
+                                             self._handle(request, target))
 
-    async def _handle(self, request: web.Request, files: Optional[CloudMachineFiles],
-                      rest: list[str]) -> web.Response:
-        if files is None:
-            return status_response(404, "no such machine")
+    async def _handle(self, request: web.Request, target: Attribution) -> web.Response:
+        if isinstance(target, web.Response):
+            return target
+        files, rest = target
         if request.method in ("PUT", "POST"):
             if len(rest) != 2 or rest[0] != "joboutputs":
                 return status_response(403, "only joboutputs/NAME can be written")
@@ -178,21 +163,9 @@ class CloudMjf:
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405, text="405 only GET, HEAD, PUT and POST\n",
                                 headers={"Allow": "GET, HEAD, PUT, POST"})
-        if rest[:1] == ["joboutputs"]:
-            return status_response(403, "joboutputs are write-only")
         if rest[:1] == [HEARTBEAT_LISTS]:
             return self._heartbeat_list(files, rest[1:])
-        if not rest or rest[0] not in MJF_DIRECTORIES or len(rest) > 2:
-            return status_response(404, "not found")
-        directory = files.directory / rest[0]
-        if len(rest) == 1:
-            return text_response(mjf_listing(directory), "text/html")
-        if not MJF_KEY.match(rest[1]):
-            return status_response(404, "not a valid MJF key name")
-        data = read_document(directory / rest[1])
-        if data is None:
-            return status_response(404, f"no {rest[0]} key {rest[1]}")
-        return bytes_response(data, "text/plain")
+        return mjf_get(files.directory, rest)
 
     @staticmethod
     def _heartbeat_list(files: CloudMachineFiles, rest: list[str]) -> web.Response:
@@ -202,10 +175,6 @@ class CloudMjf:
         if data is None:
             return status_response(404, f"no heartbeat list for machinetype {rest[0]}")
         return bytes_response(data, "text/plain")
-
-
-async def _no_expect(request: web.Request) -> None:
-    """Leave ``Expect: 100-continue`` to the upload code, which answers it after its checks."""
 
 
 async def start_cloud_mjf(resolve: CloudResolver, *, address: str, port: int, cert_file: str,

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import urllib.parse
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -134,40 +135,36 @@ def read_request(request: web.Request, context: Optional[MachineContext], allowe
 # Services
 
 
-class Service:
-    """What both services share: attribution of a request to a machine and the request log."""
+def catch_all_application(entry: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.Application:
+    """An application sending every request to ``entry``: paths are parsed from the raw path
+    there, never by the router. ``Expect: 100-continue`` is left to the upload code, which
+    answers it only after its checks."""
+    app = web.Application()
+    app.router.add_route("*", r"/{path:[\s\S]*}", entry, expect_handler=_no_expect)
+    return app
 
-    name = ""
 
-    def __init__(self, resolve: Resolver, slot_for_address: SlotForAddress, limits: Limits):
-        self.resolve = resolve
-        self.slot_for_address = slot_for_address
-        self.limits = limits
-        self.log_limiter = LogLimiter(limits.log_burst, limits.log_per_second)
+async def _no_expect(request: web.Request) -> None:
+    """See ``catch_all_application``."""
 
-    def application(self) -> web.Application:
-        app = web.Application()
-        # One catch-all route: paths are parsed from the raw path here, never by the router.
-        app.router.add_route("*", r"/{path:[\s\S]*}", self._entry, expect_handler=_no_expect)
-        return app
 
-    def _identify(self, request: web.Request) -> tuple[str, Optional[MachineContext]]:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        address = peer[0] if peer else "?"
-        slot = self.slot_for_address(address)
-        context = self.resolve(slot) if slot is not None else None
-        if context is not None and context.machine.slot != slot:
-            log.error("%s: resolver returned %s (slot %d) for slot %d; refusing %s", self.name,
-                      context.machine.name, context.machine.slot, slot, address)
-            context = None
-        return (context.machine.name if context else f"unknown({address})"), context
+class RequestLog:
+    """A service's request log, rate-limited per machine, and its answers when the client goes
+    away or a machine's files cannot be used."""
 
-    async def _entry(self, request: web.Request) -> web.StreamResponse:
-        who, context = self._identify(request)
+    def __init__(self, logger: logging.Logger, limits: Limits):
+        self.log = logger
+        self.limiter = LogLimiter(limits.log_burst, limits.log_per_second)
+
+    async def answer(self, who: str, line: str, handling: Awaitable[web.StreamResponse]
+                     ) -> web.StreamResponse:
+        """The response ``handling`` gives; one line ``<line> <status>[: problem]`` for it,
+        ERROR for a 5xx, with ``who``'s rate limit."""
         status, problem = 500, ""
         try:
             try:
-                response = await self.handle(request, context)
+                response = await handling
             except asyncio.CancelledError:
                 # The client went away and aiohttp cancelled the handler. A joboutput whose
                 # body had arrived is still written (the write is shielded).
@@ -184,17 +181,43 @@ class Service:
             status = response.status
             return response
         finally:
-            dropped = self.log_limiter.admit(who)
+            dropped = self.limiter.admit(who)
             if dropped is not None:
                 note = f" ({dropped} lines from {who} suppressed)" if dropped else ""
-                log.log(logging.ERROR if 500 <= status < 600 else logging.INFO,
-                        "%s %s %s %s %d%s%s", self.name, who, request.method,
-                        repr(request.raw_path[:200])[1:-1], status, problem, note)
+                self.log.log(logging.ERROR if 500 <= status < 600 else logging.INFO,
+                             "%s %d%s%s", line, status, problem, note)
+
+
+class Service:
+    """What both services share: attribution of a request to a machine and the request log."""
+
+    name = ""
+
+    def __init__(self, resolve: Resolver, slot_for_address: SlotForAddress, limits: Limits):
+        self.resolve = resolve
+        self.slot_for_address = slot_for_address
+        self.limits = limits
+        self.request_log = RequestLog(log, limits)
+
+    def application(self) -> web.Application:
+        return catch_all_application(self._entry)
+
+    def _identify(self, request: web.Request) -> tuple[str, Optional[MachineContext]]:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        address = peer[0] if peer else "?"
+        slot = self.slot_for_address(address)
+        context = self.resolve(slot) if slot is not None else None
+        if context is not None and context.machine.slot != slot:
+            log.error("%s: resolver returned %s (slot %d) for slot %d; refusing %s", self.name,
+                      context.machine.name, context.machine.slot, slot, address)
+            context = None
+        return (context.machine.name if context else f"unknown({address})"), context
+
+    async def _entry(self, request: web.Request) -> web.StreamResponse:
+        who, context = self._identify(request)
+        line = f"{self.name} {who} {request.method} {repr(request.raw_path[:200])[1:-1]}"
+        return await self.request_log.answer(who, line, self.handle(request, context))
 
     async def handle(self, request: web.Request, context: Optional[MachineContext]
                      ) -> web.StreamResponse:
         raise NotImplementedError
-
-
-async def _no_expect(request: web.Request) -> None:
-    """Leave ``Expect: 100-continue`` to the handler, which answers it only after its checks."""

@@ -79,7 +79,7 @@ class Uploads:
             return web.Response(status=409, text=f"409 {name} is already being uploaded\n",
                                 headers={"Retry-After": "1"})
         # An OSError here (disk trouble, the machine's directory removed as it finishes) is
-        # answered 500 and logged, rate-limited, by Service._entry.
+        # answered 500 and logged, rate-limited, by RequestLog.answer.
         directory.mkdir(mode=0o755, exist_ok=True)
         used_bytes, used_files = joboutputs_usage(directory, excluding=name)
         pending_bytes = sum(pending.values())

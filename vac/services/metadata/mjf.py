@@ -2,6 +2,7 @@
 
 * GET/HEAD ``/machinefeatures[/]``, ``/jobfeatures[/]``: the classic HTML list of keys;
   ``/machinefeatures/KEY``, ``/jobfeatures/KEY``: the value, 404 if absent. ``/joboutputs``: 403.
+  (``mjf_get``, also vcycle's HTTPS MJF's, below its per-machine prefix.)
 * PUT (or POST) ``/joboutputs/NAME``: vac.services.metadata.joboutputs.
 """
 
@@ -41,6 +42,24 @@ def mjf_listing(directory: Path) -> str:
     return f"<html><body><ul>{items}</ul></body></html>"
 
 
+def mjf_get(directory: Path, segments: list[str]) -> web.Response:
+    """The answer to a GET of ``segments`` (a path's, already decoded) from the machine whose
+    MJF files are in ``directory``: a key list, a value, or the refusal."""
+    if segments[:1] == ["joboutputs"]:
+        return status_response(403, "joboutputs are write-only")
+    if not segments or segments[0] not in MJF_DIRECTORIES or len(segments) > 2:
+        return status_response(404, "not found")
+    features = directory / segments[0]
+    if len(segments) == 1:
+        return text_response(mjf_listing(features), "text/html")
+    if not MJF_KEY.match(segments[1]):
+        return status_response(404, "not a valid MJF key name")
+    data = read_document(features / segments[1])
+    if data is None:
+        return status_response(404, f"no {segments[0]} key {segments[1]}")
+    return bytes_response(data, "text/plain")
+
+
 class MjfService(Service):
     name = "mjf"
 
@@ -55,19 +74,7 @@ class MjfService(Service):
         segments = read_request(request, context, "GET, HEAD, PUT, POST")
         if isinstance(segments, web.Response):
             return segments
-        if segments[:1] == ["joboutputs"]:
-            return status_response(403, "joboutputs are write-only")
-        if not segments or segments[0] not in MJF_DIRECTORIES or len(segments) > 2:
-            return status_response(404, "not found")
-        directory = context.directory / segments[0]
-        if len(segments) == 1:
-            return text_response(mjf_listing(directory), "text/html")
-        if not MJF_KEY.match(segments[1]):
-            return status_response(404, "not a valid MJF key name")
-        data = read_document(directory / segments[1])
-        if data is None:
-            return status_response(404, f"no {segments[0]} key {segments[1]}")
-        return bytes_response(data, "text/plain")
+        return mjf_get(context.directory, segments)
 
 
 def mjf_app(resolve: Resolver, *, slot_for_address: SlotForAddress = slot_for_ip,
