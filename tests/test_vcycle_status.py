@@ -60,3 +60,13 @@ def test_missing_or_broken_status_files_are_reported(tmp_path: Path, capsys: pyt
     write_status(tmp_path, "ok.example.org")
     code, out, err = run(capsys, "machines", "--state-dir", str(tmp_path))
     assert code == 0 and "not a vcycled status file" in err and "vcycle-lhcb-aaaaaaaaaa" in out
+
+
+def test_an_oversized_status_file_is_said_to_be_one(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from vac.cli import vcyclestatus
+
+    write_status(tmp_path, "big.example.org")
+    monkeypatch.setattr(vcyclestatus, "MAX_STATUS_BYTES", 100)
+    code, _, err = run(capsys, "spaces", "--state-dir", str(tmp_path))
+    assert code == 1 and "larger than 100 bytes" in err and "not JSON" not in err

@@ -22,6 +22,7 @@ from vac.core.vcycleconfig import (
     format_vcycle_config,
     load_vcycle_config,
 )
+from vac.ops.configcli import print_problems
 
 
 def cmd_conf(args: argparse.Namespace) -> int:
@@ -31,8 +32,7 @@ def cmd_conf(args: argparse.Namespace) -> int:
     """
     paths = ConfigPaths(conf_dir=args.conf_dir, main_conf=args.conf, run_confs=())
     config, problems = load_vcycle_config(paths, hostname=socket.getfqdn())
-    for problem in problems:
-        print(f"{problem.level}: {problem}", file=sys.stderr)
+    print_problems(problems)
     if config is None:
         return 1
     if not args.check:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vac.cli.tables import _ago, format_table, printable
+from vac.core.vcycleconfig import STATUS_FILE
 
-STATUS_FILE = "status.json"
 MAX_STATUS_BYTES = 16 * 1024 * 1024
 
 
@@ -26,10 +26,15 @@ def load_statuses(state_dir: str, space: Optional[str] = None) -> tuple[list[dic
     for path in paths:
         try:
             with open(path, "rb") as stream:
-                data = json.loads(stream.read(MAX_STATUS_BYTES + 1))
+                text = stream.read(MAX_STATUS_BYTES + 1)
         except OSError as error:
             problems.append(f"{path}: cannot read: {error.strerror}")
             continue
+        if len(text) > MAX_STATUS_BYTES:
+            problems.append(f"{path}: larger than {MAX_STATUS_BYTES} bytes")
+            continue
+        try:
+            data = json.loads(text)
         except ValueError as error:
             problems.append(f"{path}: not JSON: {error}")
             continue

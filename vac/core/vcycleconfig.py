@@ -50,6 +50,7 @@ from vac.core.ini import (
 DEFAULT_CONF_DIR = "/etc/vcycle.d"
 DEFAULT_MAIN_CONF = "/etc/vcycle.conf"
 STATE_DIR = "/var/lib/vcycle"
+STATUS_FILE = "status.json"  # per space, written by vcycled after each cycle, read by vcycle
 # Classic vcycle has no maximum unless max_processors is set: a flavor may have any number of
 # vCPUs from min_processors up. vac's Machinetype needs a number.
 UNBOUNDED_PROCESSORS = 4096

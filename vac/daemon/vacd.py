@@ -474,10 +474,10 @@ class Factory:
         self.services.append(_TaskService(task))
 
     async def run(self) -> None:
-        from vac.ops.sdnotify import SystemdNotifier, watchdog_interval
+        from vac.ops.sdnotify import SystemdNotifier
 
-        interval = watchdog_interval()
         self.publisher.notifier = SystemdNotifier(unset_environment=True)
+        interval = self.publisher.notifier.watchdog_seconds
         loop = asyncio.get_running_loop()
         for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                                 (signal.SIGHUP, self.request_reload)):

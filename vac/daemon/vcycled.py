@@ -41,6 +41,7 @@ from vac.core.vcycleconfig import (
     DEFAULT_CONF_DIR,
     DEFAULT_MAIN_CONF,
     STATE_DIR,
+    STATUS_FILE,
     Space,
     VcycleConfig,
     load_vcycle_config,
@@ -58,7 +59,6 @@ MAX_SPACE_BACKOFF_SECONDS = 600.0
 DEFAULT_CYCLE_SECONDS = 60.0
 DEFAULT_CERT = "/etc/grid-security/hostcert.pem"
 DEFAULT_KEY = "/etc/grid-security/hostkey.pem"
-STATUS_FILE = "status.json"
 
 ImageResolver = Callable[[Machinetype], Optional[Path]]
 BackendFactory = Callable[[Space, ImageResolver], MachineBackend]
@@ -542,11 +542,11 @@ class Vcycled:
             await asyncio.sleep(interval)
 
     async def run(self) -> None:
-        from vac.ops.sdnotify import SystemdNotifier, watchdog_interval
+        from vac.ops.sdnotify import SystemdNotifier
 
         loop = asyncio.get_running_loop()
-        interval = watchdog_interval()
         self.notifier = SystemdNotifier(unset_environment=True)
+        interval = self.notifier.watchdog_seconds
         metrics_runner = None
         if self.args.metrics_port:
             from vac.ops import metrics
