@@ -79,7 +79,10 @@ def test_names_come_from_the_uuid_only():
     uuid = "0b7e4a52-2c36-4f4e-9d0e-3f1e5e1c2a10"
     assert scratch.scratch_name(uuid) == f"vac-scratch-{uuid}"
     assert scratch.scratch_file(Path("/m"), uuid) == Path(f"/m/disks/vac-scratch-{uuid}.ext4")
-    for bad in ("../etc", "a/b", "", "-x", "x y"):
+    # Never counted as a foreign volume when a VM's share of the volume group is sized.
+    assert disks.is_vac_volume(scratch.scratch_name(uuid), "host.test.invalid")
+    # Only a UUID as vac makes it: anything else would not be recognised as vac's volume.
+    for bad in ("../etc", "a/b", "", "-x", "x y", "abc", uuid.upper(), uuid.replace("-", "")):
         with pytest.raises(BackendError, match="not a machine UUID"):
             scratch.scratch_name(bad)
 

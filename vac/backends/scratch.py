@@ -43,14 +43,13 @@ MOUNT_OPTIONS = "nodev,nosuid"
 UMOUNT_ATTEMPTS = 3
 UMOUNT_DELAY_SECONDS = 1.0
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-_UUID = re.compile(r"[0-9A-Fa-f][0-9A-Fa-f-]{0,63}")
 
 
 def scratch_name(uuid: str) -> str:
     """The LV name and file stem of a machine's scratch disk (unique per machine, so a zombie's
     disk never collides with the next machine in its slot). A UUID that could name anything
     else (a zombie's label is not vac's to trust) is refused."""
-    if not _UUID.fullmatch(uuid):
+    if not disks.is_machine_uuid(uuid):
         raise BackendError(f"{uuid!r} is not a machine UUID")
     return NAME_PREFIX + uuid
 
@@ -152,8 +151,7 @@ def create_scratch(settings: Settings, machinetype: Machinetype, machine: Machin
         mount_point.mkdir(mode=0o755, exist_ok=True)
         if settings.volume_group:
             vg_size, extent = disks.volume_group_size(settings.volume_group, runner)
-            size = disks.logical_volume_bytes(gb, processors, processors, vg_size, extent, {},
-                                              settings.factory_name)
+            size = disks.sized_volume_bytes(gb, processors, vg_size, extent)
             source = disks.create_logical_volume(settings.volume_group,
                                                  scratch_name(machine.uuid), size, runner)
         else:

@@ -147,13 +147,20 @@ def volume_group_size(volume_group: str, runner: CommandRunner = run_command) ->
 
 # Container scratch volumes (vac.backends.scratch) are named by their machine's UUID.
 SCRATCH_VOLUME_PREFIX = "vac-scratch-"
-_SCRATCH_VOLUME = re.compile(re.escape(SCRATCH_VOLUME_PREFIX) + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+_MACHINE_UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+
+def is_machine_uuid(text: str) -> bool:
+    """Whether ``text`` is a machine UUID as vac makes them (canonical, lower case): the one
+    rule for scratch volume names, so that each one vac makes is recognised as vac's and no
+    zombie's label can name anything else."""
+    return _MACHINE_UUID.fullmatch(text) is not None
 
 
 def is_vac_volume(volume: str, factory_name: str) -> bool:
     """Whether ``volume`` is one of this factory's: named like a machine (``host-NN.domain``)
     or a container's scratch volume."""
-    if _SCRATCH_VOLUME.fullmatch(volume):
+    if volume.startswith(SCRATCH_VOLUME_PREFIX) and is_machine_uuid(volume[len(SCRATCH_VOLUME_PREFIX):]):
         return True
     host, dot, domain = factory_name.partition(".")
     pattern = re.escape(host) + r"-[0-9]{2,}" + (r"\." + re.escape(domain) if dot else "")
@@ -169,11 +176,20 @@ def logical_volume_bytes(gb_per_processor: Optional[float], processors: int,
     volume group minus the space other (non-vac) volumes take.
     """
     if gb_per_processor:
-        size = int(gb_per_processor * processors * GB)
-    else:
-        foreign = sum(size for name, size in volumes.items()
-                      if not is_vac_volume(name, factory_name))
-        size = processors * (vg_size - foreign) // max(total_processors, 1)
+        return sized_volume_bytes(gb_per_processor, processors, vg_size, extent_size)
+    foreign = sum(size for name, size in volumes.items() if not is_vac_volume(name, factory_name))
+    return _whole_extents(processors * (vg_size - foreign) // max(total_processors, 1),
+                          processors, vg_size, extent_size)
+
+
+def sized_volume_bytes(gb_per_processor: float, processors: int, vg_size: int,
+                       extent_size: int) -> int:
+    """``gb_per_processor`` × processors GB, a whole number of extents."""
+    return _whole_extents(int(gb_per_processor * processors * GB), processors, vg_size,
+                          extent_size)
+
+
+def _whole_extents(size: int, processors: int, vg_size: int, extent_size: int) -> int:
     size -= size % extent_size
     if size <= 0:
         raise DiskError(f"no room for a logical volume of {processors} processors "
