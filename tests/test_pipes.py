@@ -188,7 +188,8 @@ def test_hostile_value_rejects_its_entry_with_a_clear_reason(tmp_path, caplog, k
 def test_wrong_entry_types_duplicates_and_incomplete_entries(tmp_path):
     entries = ["lhcb-prod", [1, 2], None, GOOD_ENTRY, {**GOOD_ENTRY, "root_image": "other.iso"},
                {"suffix": "noimage", "user_data": "u"},
-               {**SECOND_ENTRY, "suffix": "wide", "min_processors": 4, "max_processors": 2}]
+               {**SECOND_ENTRY, "suffix": "wide", "min_processors": 4, "max_processors": 2},
+               {**SECOND_ENTRY, "suffix": "long", "min_wallclock_seconds": 90000, "max_wallclock_seconds": 3600}]
     config, problems = pipes.expand_pipes(make_config(tmp_path), FakeFetcher(document(*entries)), now=NOW)
     assert list(config.machinetypes) == ["lhcb-prod"]
     assert config.machinetypes["lhcb-prod"].root_image == GOOD_ENTRY["root_image"]
@@ -198,7 +199,9 @@ def test_wrong_entry_types_duplicates_and_incomplete_entries(tmp_path):
         "is null, not an object",
         "repeats an earlier suffix",
         "no root_image given",
-        "min_processors 4 > max_processors 2",
+        "min_processors: 4 is more than max_processors (2)",
+        # checked by the same rule as a local section (a pipe once let this one through)
+        "min_wallclock_seconds: 90000 is more than max_wallclock_seconds (3600)",
     ]
 
 

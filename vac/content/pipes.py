@@ -217,10 +217,8 @@ def _build_machinetype(
                                              settings.singularity_user)
     if problem is not None:
         raise _Rejected(f"machine_model and root_image: {problem}")
-    if machinetype.min_processors > machinetype.max_processors:
-        raise _Rejected(
-            f"min_processors {machinetype.min_processors} > max_processors {machinetype.max_processors}"
-        )
+    for low, _, message in schema.order_problems(lambda option: getattr(machinetype, option)):
+        raise _Rejected(f"{low}: {message}")
     return machinetype
 
 

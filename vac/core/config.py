@@ -71,6 +71,7 @@ from vac.core.schema import (
     Settings,
     VacuumPipe,
     container_model_problem,
+    order_problems,
 )
 from vac.core.values import DNS_NAME, Converter, parse_port
 
@@ -346,11 +347,8 @@ def machinetype_from_section(
         builder.required(fields, "user_data")
 
     defaults = field_defaults(Machinetype)
-    for low, high in (("min_processors", "max_processors"), ("min_wallclock_seconds", "max_wallclock_seconds")):
-        low_value, high_value = fields.get(low, defaults[low]), fields.get(high, defaults[high])
-        if low_value is not None and low_value > high_value:
-            builder.problem(ERROR, f"{low_value} is more than {high} ({high_value})", low,
-                            builder.at(low) or builder.at(high))
+    for low, high, message in order_problems(lambda option: fields.get(option, defaults[option])):
+        builder.problem(ERROR, message, low, builder.at(low) or builder.at(high))
     if fields.get("heartbeat_seconds", 0) > 0 and "heartbeat_file" not in fields:
         builder.problem(WARNING, "has no effect without heartbeat_file", value=builder.at("heartbeat_seconds"))
     _check_container_options(builder, fields, settings)

@@ -302,6 +302,20 @@ def _remote_tmp_binds(text: str) -> None:
             raise ValueError(f"may not bind {show(path)}")
 
 
+ORDERED_OPTIONS = (("min_processors", "max_processors"), ("min_wallclock_seconds", "max_wallclock_seconds"))
+
+
+def order_problems(value_of: Callable[[str], Any]) -> list[tuple[str, str, str]]:
+    """(low option, high option, message) for each min/max pair of a machinetype whose min is
+    larger than its max; ``value_of(option)`` gives the values (None: unset, no problem)."""
+    found = []
+    for low, high in ORDERED_OPTIONS:
+        low_value, high_value = value_of(low), value_of(high)
+        if low_value is not None and high_value is not None and low_value > high_value:
+            found.append((low, high, f"{low_value} is more than {high} ({high_value})"))
+    return found
+
+
 def container_model_problem(model: str, root_image: Optional[str],
                             singularity_user: Optional[str]) -> Optional[str]:
     """Why ``root_image`` cannot be run by ``model`` on this factory (CONTAINERS.md §1), or
