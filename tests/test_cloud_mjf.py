@@ -222,6 +222,14 @@ def test_a_machines_address_gets_a_machines_share_and_a_nat_gateway_more(tmp_pat
         running.stop()
 
 
+def test_too_few_descriptors_for_the_machines_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=cloudmjf.log.name):
+        running = Running(tmp_path, descriptors=70)  # 64 reserved: not even one each for 10 machines
+    running.stop()
+    assert "an open file limit of 70 is too low for 10 machines: machines may run the services out of " \
+        "descriptors (raise LimitNOFILE)" in [record.getMessage() for record in caplog.records]
+
+
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
 def test_plain_http_and_old_tls_are_refused(service: Running, tmp_path: Path) -> None:
     service.add(tmp_path / "m", "vcycle-lhcb-a", TOKEN)

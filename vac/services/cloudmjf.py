@@ -35,7 +35,6 @@ from vac.services.fairness import (
     ConnectionShares,
     FairListener,
     LogLimiter,
-    connection_share,
     descriptor_limit,
     reserved_descriptors,
     serve_fairly,
@@ -48,6 +47,7 @@ from vac.services.metadata.base import (
     status_response,
 )
 from vac.services.metadata.joboutputs import Uploads
+from vac.services.metadata.limits import sized_limits
 from vac.services.metadata.mjf import mjf_get
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,7 @@ async def start_cloud_mjf(resolve: CloudResolver, *, address: str, port: int, ce
     Raises OSError (cannot bind) or ssl.SSLError (unusable certificate or key)."""
     context = server_context(cert_file, key_file)
     descriptors = descriptor_limit() if descriptors is None else descriptors
-    limits = dataclasses.replace(limits, connections_per_machine=connection_share(
-        limits.connections_per_machine, max(1, machines), descriptors))
+    limits = sized_limits(limits, max(1, machines), descriptors, log, "machines")
     runner = web.AppRunner(CloudMjf(resolve, limits).application(), access_log=None,
                            handle_signals=False, keepalive_timeout=limits.idle_timeout_seconds,
                            handler_cancellation=True, shutdown_timeout=5.0)

@@ -62,6 +62,7 @@ from vac.services.metadata.limits import (
     Limits,
     fair_limits,
     shares_fit,
+    sized_limits,
     upload_share_bytes,
 )
 from vac.services.metadata.mjf import MjfService, mjf_app
@@ -74,5 +75,5 @@ __all__ = [
     "Resolver", "Services", "SlotForAddress", "base_url", "ec2_meta_data", "fair_limits",
     "joboutputs_usage", "lower_deadline_files", "metadata_app", "mjf_app", "mjf_features",
     "network_data", "openstack_meta_data", "path_segments", "read_document",
-    "reserved_descriptors", "shares_fit", "start_services", "upload_share_bytes", "write_mjf",
+    "reserved_descriptors", "shares_fit", "sized_limits", "start_services", "upload_share_bytes", "write_mjf",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from vac.services.fairness import connection_share, shares_fit_in
 
@@ -40,7 +41,7 @@ def fair_limits(limits: Limits, slots: int, descriptors: int) -> Limits:
     """``limits`` with ``connections_per_machine`` lowered, if need be, so that ``slots``
     machines and the share of all unattributed addresses fit in ``descriptors`` (the open file
     limit) beside vacd's reserve. Each share is at least one connection: if even that does not
-    fit, ``shares_fit`` says so and vacd warns."""
+    fit, ``shares_fit`` says so and ``sized_limits`` warns."""
     share = connection_share(limits.connections_per_machine, slots, descriptors)
     return dataclasses.replace(limits, connections_per_machine=share)
 
@@ -48,3 +49,14 @@ def fair_limits(limits: Limits, slots: int, descriptors: int) -> Limits:
 def shares_fit(limits: Limits, slots: int, descriptors: int) -> bool:
     """Whether every share of ``limits`` and vacd's reserve fit in ``descriptors``."""
     return shares_fit_in(limits.connections_per_machine, slots, descriptors)
+
+
+def sized_limits(limits: Limits, machines: int, descriptors: int, logger: logging.Logger,
+                 unit: str = "slots") -> Limits:
+    """``fair_limits`` for ``machines`` (counted in ``unit``, for the log), with a warning on
+    ``logger`` if even one connection each does not fit."""
+    limits = fair_limits(limits, machines, descriptors)
+    if not shares_fit(limits, machines, descriptors):
+        logger.warning("an open file limit of %d is too low for %d %s: machines may run the "
+                       "services out of descriptors (raise LimitNOFILE)", descriptors, machines, unit)
+    return limits

@@ -26,8 +26,7 @@ from vac.services.metadata.ec2_openstack import metadata_app
 from vac.services.metadata.limits import (
     DEFAULT_LIMITS,
     Limits,
-    fair_limits,
-    shares_fit,
+    sized_limits,
     upload_share_bytes,
 )
 from vac.services.metadata.mjf import mjf_app
@@ -92,10 +91,7 @@ async def start_services(settings: Settings, resolve: Resolver, *,
         raise ValueError("the slot count is needed to size each machine's share of the services")
     if descriptors is None:
         descriptors = descriptor_limit()
-    limits = fair_limits(limits, slots, descriptors)
-    if not shares_fit(limits, slots, descriptors):
-        log.warning("an open file limit of %d is too low for %d slots: machines may run the "
-                    "services out of descriptors (raise LimitNOFILE)", descriptors, slots)
+    limits = sized_limits(limits, slots, descriptors, log)
     limit_logger(http_log, LogLimiter(limits.log_burst, limits.log_per_second))
     shares = ConnectionShares(limits.connections_per_machine, slot_for_address)
     events = LogLimiter(1, 1.0 / EVENT_LOG_SECONDS)
