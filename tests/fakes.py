@@ -81,6 +81,7 @@ class FakeWorks:
         self.store.write_file(machine, "joboutputs/shutdown_message", message)
 
     def last_activity(self, machine):
+        self.calls.append(("last_activity", machine.uuid))
         return self.store.last_activity(machine)
 
     def lower_deadline(self, machine):

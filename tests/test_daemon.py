@@ -563,6 +563,24 @@ def test_no_timer_while_nothing_is_due(tmp_path, clock):
     run(scenario())
 
 
+def test_a_reconcile_reads_file_times_only_of_machines_found_gone(tmp_path, clock):
+    """The newest file a machine wrote estimates when it ended: needed only for one found gone,
+    not read for every running machine at every reconcile."""
+    async def scenario():
+        factory, works = await started(tmp_path, clock)
+        running = list(factory.machines)
+        works.calls.clear()
+        await cycle(factory, reconcile=True)
+        assert works.named("last_activity") == []
+        gone = running[0]
+        works.vanish(gone)  # gone from the listing without an event (vacd missed it)
+        await cycle(factory, reconcile=True)
+        assert works.named("last_activity") == [("last_activity", gone)]
+        await factory.shutdown()
+
+    run(scenario())
+
+
 def test_reading_the_configuration_leaves_the_loop_free(tmp_path, clock, monkeypatch):
     """Vacuum pipes may be fetched over HTTP while the configuration is read: that happens in
     the thread pool, and the loop (metadata, MJF, VacQuery) goes on meanwhile."""

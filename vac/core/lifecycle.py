@@ -98,8 +98,8 @@ def reconcile(machines: Sequence[Machine], busy: Collection[str],
     ``machines`` are the live machines whose backend answered; those in ``busy`` (a create,
     stop or finish in flight) are left to that step. ``listed`` pairs each listed machine with
     its backend's key; ``known`` holds every UUID vac still has a record of in memory (live
-    machines and the last finished one of each slot); ``activity`` the newest file time of each
-    RUNNING/STOPPING machine. A CREATING machine is only seen here after a restart (creation is
+    machines and the last finished one of each slot); ``activity`` the newest file time of the
+    RUNNING/STOPPING machines not listed active (only those can be found gone). A CREATING machine is only seen here after a restart (creation is
     never in flight across one): adopted if it runs, else finished as never started.
     """
     by_uuid = {item.uuid: item for _, item in listed}

@@ -422,7 +422,11 @@ class Executor:
             return listed
         live = [machine for machine in self.live()
                 if self.backends.key_of_model(machine.machine_model) in answered]
-        watched = [m for m in live if m.state in lifecycle.RUNNING_STATES and m.uuid not in self.busy]
+        # Only a machine found gone needs its newest file time (its estimated end): reading it
+        # for every running machine would stat each one's files at every reconcile.
+        running = {machine.uuid for _, machine in listed if machine.active}
+        watched = [m for m in live if m.state in lifecycle.RUNNING_STATES and m.uuid not in self.busy
+                   and m.uuid not in running]
         activity = dict(zip((m.uuid for m in watched), await self.runtime.call(
             lambda: [self.records.last_activity(m) for m in watched])))
         known = set(self.machines) | {m.uuid for m in self.last_in_slot.values()}
