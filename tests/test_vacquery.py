@@ -614,7 +614,7 @@ def test_padded_signed_datagrams_still_verify():
 
 def make_run(kind=vacquery.MACHINETYPES, authenticator=None):
     targets = [vq_client._Target(PEER.name, 995, PEER.address)]
-    return vq_client._QueryRun(make_settings(), kind, targets, SPACE, "vac-command",
+    return vq_client._QueryRun(kind, targets, SPACE, "vac-command",
                               authenticator or vacquery.Authenticator(None), Clock())
 
 
@@ -633,20 +633,26 @@ def test_client_accepts_replies_bound_to_its_cookie_and_counts_completion():
     assert run.targets[0].complete(vacquery.MACHINETYPES) and run.progress.is_set()
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda run: reply_for(run, cookie="f" * 64), "not a reply to this query"),
-    (lambda run: reply_for(run, space="other.space"), "wrong space"),
-    (lambda run: reply_for(run, factory="impostor.example.org"), "cookie does not match factory"),
+@pytest.mark.parametrize("make, reason, detail", [
+    (lambda run: reply_for(run, cookie="f" * 64), "not a reply to this query", None),
+    (lambda run: reply_for(run, space="other.space"), "wrong space", None),
+    (lambda run: reply_for(run, factory="impostor.example.org"), "cookie does not match factory", None),
     (lambda run: vacquery.encode_factory_status(FACTORY_STATUS, make_settings(factory_name=PEER.name),
-                                                cookie=run.targets[0].cookie), "not a reply to this query"),
-    (lambda run: b"[]", "not a JSON object"),
-    (lambda run: b'{"message_type": "machinetype_status"', "not JSON"),
+                                                cookie=run.targets[0].cookie), "not a reply to this query", None),
+    # What the peer's datagram said is a detail, never a reason of its own (one key per text).
+    (lambda run: b"[]", "malformed reply", "not a JSON object"),
+    (lambda run: b'{"message_type": "machinetype_status"', "malformed reply", "not JSON"),
 ])
-def test_client_drops_replies_it_did_not_ask_for(make, reason):
+def test_client_drops_replies_it_did_not_ask_for(make, reason, detail):
     run = make_run()
     run.receive(make(run), "203.0.113.9")  # not the factory's address either
     assert not run.targets[0].heard
-    assert [key for key in run.drops.counts if reason in key]
+    assert run.drops.counts == {reason: 1}
+    if detail is None:
+        assert run.drops.summary() == f"1 ({reason})"
+    else:
+        assert detail in run.drops.details[reason]
+        assert run.drops.summary() == f"1 ({reason}: {run.drops.details[reason]})"
 
 
 def test_an_aliased_factory_is_accepted_from_the_address_it_was_asked_at():

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -151,7 +152,7 @@ def test_partial_results_come_back_when_replies_are_lost(peers):
     assert result.complete and len(result.reports) == 10
 
 
-def test_the_deadline_holds_while_a_peer_keeps_sending_garbage(peers):
+def test_the_deadline_holds_while_a_peer_keeps_sending_garbage(peers, caplog):
     """Classic clients loop forever while packets arrive; ours stops at its deadline."""
     factories = space_factories(2, 19952)
     peers.start(factory_settings(factories[0], factories), snapshot_for(factories[0].name))
@@ -177,14 +178,18 @@ def test_the_deadline_holds_while_a_peer_keeps_sending_garbage(peers):
     thread.start()
     try:
         started = time.monotonic()
-        result = asyncio.run(vacquery.query_machinetypes(client, timeout=1.0))
+        with caplog.at_level(logging.INFO, logger="vac.services.vacquery.client"):
+            result = asyncio.run(vacquery.query_machinetypes(client, timeout=1.0))
         assert time.monotonic() - started < 1.5
     finally:
         stop.set()
         thread.join(5)
         sender.close()
     assert result.answered == [factories[0].name] and result.silent == [factories[1].name]
-    assert result.dropped["cookie missing"] > 0
+    dropped = result.dropped["malformed reply"]
+    assert dropped > 0
+    assert [record for record in caplog.records if record.getMessage().startswith("VacQuery machinetypes query: ")
+            and f"{dropped} (malformed reply: cookie missing)" in record.getMessage()]
 
 
 def test_shared_secret_between_our_factories(peers):

@@ -103,18 +103,17 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         try:
             self.run.receive(data, addr[0])
         except Exception as error:  # never let a bad datagram end the query
-            self.run.drops.drop(f"internal error: {error.__class__.__name__}", addr[0], exc_info=True)
+            self.run.drops.drop("internal error", addr[0], exc_info=True, detail=error.__class__.__name__)
 
     def error_received(self, exc: Exception) -> None:
-        self.run.drops.drop(f"socket error: {exc.__class__.__name__}", "-", False)
+        self.run.drops.drop("socket error", "-", False, detail=str(exc))
 
 
 class _QueryRun:
     """One query of many factories: sending, resending, receiving, the deadline."""
 
-    def __init__(self, settings: Settings, kind: str, targets: list, space: str, client: str,
+    def __init__(self, kind: str, targets: list, space: str, client: str,
                  authenticator: Authenticator, clock: Callable[[], float]):
-        self.settings = settings
         self.kind = kind
         self.targets = targets
         self.space = space
@@ -127,7 +126,6 @@ class _QueryRun:
             target.cookie = make_cookie(self.salt, target.name)
             self.by_cookie[target.cookie] = target
         self.drops = DropCounter("VacQuery client", clock=clock)
-        self.messages: list = []
         self.progress = asyncio.Event()
         self.expected_replies = EXPECTED_REPLIES[kind]
         self.remaining = len(targets)  # factories not complete yet
@@ -137,7 +135,7 @@ class _QueryRun:
         try:
             response, message = parse_response(data)
         except DatagramError as error:
-            self.drops.drop(str(error), source, False)
+            self.drops.drop("malformed reply", source, False, detail=str(error))
             return
         target = self.by_cookie.get(response.cookie)
         if response.kind != self.kind or target is None:
@@ -281,8 +279,7 @@ async def query(settings: Settings, kind: str, factories: Optional[Iterable] = N
             target.address = addresses[0]
         else:
             problems[target.name] = "cannot resolve name"
-    run = _QueryRun(settings, kind, [t for t in targets if t.address], space, client,
-                    authenticator, clock)
+    run = _QueryRun(kind, [t for t in targets if t.address], space, client, authenticator, clock)
     loop = asyncio.get_running_loop()
     transport = None
     try:
@@ -300,8 +297,7 @@ async def query(settings: Settings, kind: str, factories: Optional[Iterable] = N
     run.targets = targets
     result = run.result(problems, clock() - started)
     if result.dropped:
-        log.info("VacQuery %s query: dropped %s", kind, ", ".join(
-            f"{count} ({reason})" for reason, count in sorted(result.dropped.items())))
+        log.info("VacQuery %s query: dropped %s", kind, run.drops.summary())
     return result
 
 

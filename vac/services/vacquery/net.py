@@ -74,20 +74,29 @@ class DropCounter:
 
     ``reason`` must come from a fixed set: each new text would be a new key, logged at once and
     counted for ever. What the datagram itself said goes in ``detail``, which the reason's one
-    line of the period shows (that of the drop that logs it; the others are only counted)."""
+    line of the period shows (that of the drop that logs it; the others are only counted), and
+    ``details`` keeps the latest of each reason."""
 
     def __init__(self, what: str, log_interval: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
         self.what = what
         self.counts: dict = {}
+        self.details: dict = {}  # reason -> the detail of its latest drop that gave one
         self.log_interval = log_interval
         self.clock = clock
         self._last_logged: dict = {}
         self._unlogged: dict = {}
 
+    def summary(self) -> str:
+        """``N (reason[: its latest detail])`` for every reason, in the reasons' order."""
+        return ", ".join(f"{count} ({reason}: {self.details[reason]})" if reason in self.details
+                         else f"{count} ({reason})" for reason, count in sorted(self.counts.items()))
+
     def drop(self, reason: str, source: Any, log_now: bool = True, exc_info: bool = False,
              detail: str = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        if detail:
+            self.details[reason] = detail[:DETAIL_CHARS]
         if not log_now:
             return
         now = self.clock()
@@ -98,6 +107,6 @@ class DropCounter:
         self._last_logged[reason] = now
         suppressed = self._unlogged.pop(reason, 0)
         more = f" ({suppressed} more like it since the last such line)" if suppressed else ""
-        shown = f" ({detail[:DETAIL_CHARS]})" if detail else ""
+        shown = f" ({self.details[reason]})" if detail else ""
         log.warning("%s: dropped datagram from %s: %s%s%s", self.what, source, reason, shown, more,
                     exc_info=exc_info)
