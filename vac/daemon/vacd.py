@@ -297,11 +297,11 @@ class Factory:
         plan = scheduler.plan(snapshot, self.rng)
         retries = [when for when in self.executor.retry_at.values() if when >= now]
         self.wake_at(min([*retries, plan.wake_at or math.inf]), now)
-        # Notes repeat every cycle while a condition lasts: log each when it starts to hold.
+        # Notes repeat every cycle while a condition lasts: log each when it starts to hold
+        # (and at every plan with --debug).
         notes = set(plan.notes)
         for note in plan.notes:
-            if note not in self.last_notes:
-                log.info("plan: %s", note)
+            log.log(logging.DEBUG if note in self.last_notes else logging.INFO, "plan: %s", note)
         self.last_notes = notes
         self.publisher.count_backoffs(config, reports, now)
         for action in plan.actions:
