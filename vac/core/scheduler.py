@@ -395,6 +395,13 @@ def in_backoff(standing: Standing) -> bool:
 # Supervision of running machines
 
 
+def wallclock_deadline(machinetype: Machinetype, start: float, shutdown_time: Optional[float]) -> float:
+    """The deadline of a machine of ``machinetype`` created at ``start``: its max_wallclock_seconds
+    later, or the space's ``shutdown_time`` if that comes first."""
+    deadline = start + machinetype.max_wallclock_seconds
+    return deadline if shutdown_time is None else min(deadline, shutdown_time)
+
+
 def _effective_deadline(machine: Machine, shutdown_time: Optional[float]) -> float:
     """A machine's deadline, or the global shutdown_time if that is earlier."""
     if shutdown_time is not None and shutdown_time < machine.deadline:
@@ -529,11 +536,9 @@ def _place(
         return None
     for machinetype in ranked:
         if min(free, per_superslot) >= machinetype.min_processors:
-            deadline = now + machinetype.max_wallclock_seconds
-            if settings.shutdown_time is not None:
-                deadline = min(deadline, settings.shutdown_time)
             processors = min(free, machinetype.max_processors, per_superslot)
-            return _Placement(machinetype, processors, deadline, "starts a new superslot")
+            return _Placement(machinetype, processors, wallclock_deadline(machinetype, now, settings.shutdown_time),
+                              "starts a new superslot")
     return None
 
 

@@ -39,7 +39,7 @@ from typing import Optional, Union
 
 from vac.core import scheduler
 from vac.core.cloud import CloudState, creation_budget
-from vac.core.config import Config, Machinetype, Settings
+from vac.core.config import Config, Settings
 from vac.core.lifecycle import DestroyZombie, MarkGone
 from vac.core.model import Finish, Machine, MachineState, shutdown_code
 from vac.core.scheduler import Create, LowerDeadline
@@ -292,13 +292,8 @@ def _adoption(seen: Listed, snap: SpaceSnapshot, notes: list) -> Optional[Machin
     state = MachineState.RUNNING if started is not None else MachineState.CREATING
     return Machine(uuid=seen.uuid, name=seen.name, slot=0, machinetype=machinetype.name,
                    machine_model=MACHINE_MODEL, processors=processors, created=created,
-                   deadline=_deadline(snap.space, machinetype, created), state=state, started=started,
+                   deadline=scheduler.wallclock_deadline(machinetype, created, snap.space.shutdown_time), state=state, started=started,
                    hs06=_hs06(cloud_type, processors), fqan=machinetype.accounting_fqan)
-
-
-def _deadline(space: Space, machinetype: Machinetype, created: float) -> float:
-    deadline = created + machinetype.max_wallclock_seconds
-    return min(deadline, space.shutdown_time) if space.shutdown_time is not None else deadline
 
 
 def _hs06(cloud_type: CloudMachinetype, processors: int) -> Optional[float]:
@@ -408,7 +403,7 @@ def _plan_creates(snap: SpaceSnapshot, active: dict[str, Machine], rng: random.R
         machinetype = cloud_type.machinetype
         processors = machinetype.min_processors
         hs06 = _hs06(cloud_type, processors)
-        deadline = _deadline(space, machinetype, now)
+        deadline = scheduler.wallclock_deadline(machinetype, now, space.shutdown_time)
         creates.append(Create(name, 0, processors, deadline,
                               f"{name} with {processors} processors: lowest usage "
                               f"({score:.2f} HS06 per unit of share)"))
