@@ -88,6 +88,13 @@ def test_mjf_urls_follow_the_configured_address_and_port(tmp_path):
     assert build("##user_data_jobfeatures_url##", tmp_path, settings=settings) == "http://10.0.0.1:8080/jobfeatures"
 
 
+def test_an_ipv6_mjf_address_is_bracketed_and_port_80_left_out(tmp_path):
+    settings = Settings(vac_space="s.example.com", factory_name="f.example.com", mjf_address="fd00::253", http_port=80)
+    assert build("##user_data_machinefeatures_url##", tmp_path, settings=settings) == "http://[fd00::253]/machinefeatures"
+    settings = Settings(vac_space="s.example.com", factory_name="f.example.com", mjf_address="fd00::253", http_port=8080)
+    assert build("##user_data_joboutputs_url##", tmp_path, settings=settings) == "http://[fd00::253]:8080/joboutputs"
+
+
 def test_unknown_patterns_are_removed_and_others_left(tmp_path):
     template = "a##user_data_option_unset##b##user_data_##c##user_data_Upper##d##other##e#"
     assert build(template, tmp_path) == "abc##user_data_Upper##d##other##e#"

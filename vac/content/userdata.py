@@ -28,6 +28,7 @@ from vac import __version__
 from vac.content.fetch import Fetcher, FetchError, is_url
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
+from vac.core.values import http_base_url
 
 MAX_TEMPLATE_BYTES = 1024 * 1024  # templates and user_data_file_* files; EC2 allows far less
 TEMPLATE_TIMEOUT = 30.0  # classic: 30 s for the whole transfer
@@ -108,17 +109,12 @@ def read_user_data_files(machinetype: Machinetype) -> dict[str, str]:
 # -- substituting (pure) ------------------------------------------------------------------------
 
 
-def mjf_base_url(settings: Settings) -> str:
-    port = "" if settings.http_port == 80 else f":{settings.http_port}"
-    return f"http://{settings.mjf_address}{port}"
-
-
 def substitution_values(*, settings: Settings, machinetype: Machinetype, machine: Machine,
                         template_url: Optional[str], proxy_pem: Optional[str],
                         files: Mapping[str, str]) -> dict[str, str]:
     """Pattern name (``user_data_...``) -> value, in REFERENCE.md §8.2 order; first one wins."""
     manager_version = f"Vac {__version__}"
-    mjf = mjf_base_url(settings)
+    mjf = http_base_url("http", settings.mjf_address, settings.http_port)
     root_image = machinetype.root_image or ""
     ordered: list[tuple[str, Optional[str]]] = [
         ("url", template_url),

@@ -5,7 +5,8 @@ A converter takes the text of one option and returns its typed value, or raises 
 whose message says what is wrong with the text (the loader puts the file, line, section and
 option in front). A converter may return ``WithWarning(value, message)`` for a value that is
 accepted but deserves a warning. Functions named like ``integer(1)`` build a converter; the others
-are converters.
+are converters. ``http_base_url`` goes the other way: the one place a URL is made from a
+configured host and port.
 
 Pure: the standard library only.
 """
@@ -127,6 +128,16 @@ def http_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in text):
         raise ValueError(f"{text!r} is not an http:// or https:// URL")
     return text
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def http_base_url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host[:port]``, as a client would write it: an IPv6 address in brackets, no
+    port when it is the scheme's default (``scheme`` is http or https)."""
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{netloc}" if port == DEFAULT_PORTS[scheme] else f"{scheme}://{netloc}:{port}"
 
 
 def ip_address(text: str) -> str:

@@ -30,6 +30,7 @@ from typing import Callable, Optional, Union
 
 from aiohttp import web
 
+from vac.core.values import http_base_url
 from vac.services.fairness import (
     EVENT_LOG_SECONDS,
     ConnectionShares,
@@ -76,10 +77,7 @@ Attribution = Union[web.Response, tuple[CloudMachineFiles, list[str]]]
 
 def machine_url(host: str, port: int, space: str, name: str, token: str) -> str:
     """The base of a machine's MJF URLs (``<base>/machinefeatures`` etc.)."""
-    netloc = f"[{host}]" if ":" in host else host
-    if port != 443:
-        netloc += f":{port}"
-    return f"https://{netloc}/{PREFIX}/{space}/{name}/{token}"
+    return f"{http_base_url('https', host, port)}/{PREFIX}/{space}/{name}/{token}"
 
 
 def address_key(address: str) -> Optional[int]:

@@ -66,13 +66,13 @@ from vac.services.metadata.limits import (
     upload_share_bytes,
 )
 from vac.services.metadata.mjf import MjfService, mjf_app
-from vac.services.metadata.server import Services, base_url, start_services
+from vac.services.metadata.server import Services, start_services
 
 __all__ = [
     "CLIENT_GONE", "DEFAULT_LIMITS", "EC2_KEY_NAME", "JOBOUTPUT_NAME", "MAX_DOCUMENT_BYTES",
     "MJF_DIRECTORIES", "MJF_KEY", "OPENSTACK_VERSIONS", "SMALL_UPLOADS_BYTES", "VERSION", "BadPath",
     "ConnectionShares", "Limits", "LogLimiter", "MachineContext", "MetadataService", "MjfService",
-    "Resolver", "Services", "SlotForAddress", "base_url", "ec2_meta_data", "fair_limits",
+    "Resolver", "Services", "SlotForAddress", "ec2_meta_data", "fair_limits",
     "joboutputs_usage", "lower_deadline_files", "metadata_app", "mjf_app", "mjf_features",
     "network_data", "openstack_meta_data", "path_segments", "read_document",
     "reserved_descriptors", "shares_fit", "sized_limits", "start_services", "upload_share_bytes", "write_mjf",

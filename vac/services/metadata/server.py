@@ -11,6 +11,7 @@ from aiohttp import web
 
 from vac.core.config import Settings
 from vac.core.model import slot_for_ip
+from vac.core.values import http_base_url
 from vac.services.fairness import (
     EVENT_LOG_SECONDS,
     ConnectionShares,
@@ -34,12 +35,6 @@ from vac.services.metadata.mjf import mjf_app
 # aiohttp's own protocol errors (malformed requests) go here, rate-limited like request lines.
 http_log = logging.getLogger(log.name + ".http")
 LINGER_SECONDS = 2.0  # after an early refusal, discard what the client still sends this long
-
-
-def base_url(address: str, port: int) -> str:
-    """``http://address[:port]`` as a VM would write it (no port for 80)."""
-    host = f"[{address}]" if ":" in address else address
-    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
 
 
 @dataclasses.dataclass
@@ -97,7 +92,7 @@ async def start_services(settings: Settings, resolve: Resolver, *,
     events = LogLimiter(1, 1.0 / EVENT_LOG_SECONDS)
     mjf = await _serve("mjf", mjf_app(resolve, slot_for_address=slot_for_address,
                                       limits=limits), mjf_address, port, limits, shares, events)
-    mjf_url = base_url(mjf_address, mjf.port)
+    mjf_url = http_base_url("http", mjf_address, mjf.port)
     try:
         metadata = await _serve(
             "metadata", metadata_app(settings, resolve, mjf_url=mjf_url,
@@ -106,7 +101,7 @@ async def start_services(settings: Settings, resolve: Resolver, *,
     except BaseException:
         await mjf.close()
         raise
-    metadata_url = base_url(metadata_address, metadata.port)
+    metadata_url = http_base_url("http", metadata_address, metadata.port)
     log.info("metadata service on %s, MJF service on %s; each of %d slots may hold %d "
              "connections and %d bytes of uploads in flight (open file limit %d)", metadata_url,
              mjf_url, slots, limits.connections_per_machine, upload_share_bytes(limits),
