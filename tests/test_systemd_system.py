@@ -47,6 +47,7 @@ import pytest
 
 from tests import tiers
 from tests.packages import REPO, build_rpms
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.systemd
 
@@ -196,13 +197,7 @@ class Container:
         return [entry.get("MESSAGE", "") for entry in self.journal(f"--unit={unit}", after=after)]
 
     def wait_for(self, what: str, predicate: Callable, timeout: float = 60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = predicate()
-            if result:
-                return result
-            time.sleep(0.3)
-        pytest.fail(f"timed out after {timeout} s waiting for {what}\n{self.diagnostics()}")
+        return wait_until(what, predicate, timeout, poll=0.3, details=self.diagnostics)
 
     def diagnostics(self) -> str:
         """vacd's state and recent journal, for failure messages."""

@@ -31,6 +31,7 @@ from tests import openstack_emulator as emu
 from tests.cloudservers import MotoServer, free_port
 from tests.localhttp import make_tls_files
 from tests.openstack_emulator import OpenStackEmulator
+from tests.waiting import wait_until
 from vac.cli import vcycle
 from vac.core.cloud import META_MACHINETYPE
 from vac.core.config import ConfigPaths
@@ -43,16 +44,6 @@ SECRET_KEY = "vcycled-secret-key-never-logged-8e2b"
 SPACE = "ec2.example.org"
 TEMPLATE = "#!/bin/sh\nMJF=##user_data_machinefeatures_url##\nJO=##user_data_joboutputs_url##\nUUID=##user_data_uuid##\n"
 WAIT_SECONDS = 60.0
-
-
-def wait_for(what: str, condition: Callable[[], object], seconds: float = WAIT_SECONDS) -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Daemon:
@@ -85,6 +76,11 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_for(self, what: str, condition: Callable[[], object], seconds: float = WAIT_SECONDS) -> object:
+        """The first true value of ``condition``; fails at once if vcycled exits meanwhile."""
+        return wait_until(what, condition, seconds, poll=0.3, process=self.process, name="vcycled",
+                          details=lambda: self.log()[-6000:])
 
     def kill(self) -> None:
         os.kill(self.process.pid, signal.SIGKILL)
@@ -181,20 +177,20 @@ def ec2_daemon(tmp_path: Path, moto: MotoServer, ec2, daemons: list, **options: 
 
 def test_ec2_quota_poweroff_finished_and_accounted_once(tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
     daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons)
-    running = wait_for("3 machines (the quota)", lambda: len(instances(ec2, "pending", "running")) == 3
-                       and instances(ec2, "pending", "running"))
+    running = daemon.wait_for("3 machines (the quota)", lambda: len(instances(ec2, "pending", "running")) == 3
+                              and instances(ec2, "pending", "running"))
     time.sleep(3)  # a few more cycles: still the quota, not more
     assert len(instances(ec2, "pending", "running", "stopped", "stopping")) == 3
     instance = running[0]
     uuid = play_machine(user_data_of(ec2, instance["InstanceId"]), daemon.ca())
     time.sleep(2)  # the machine ran past fizzle_seconds (0) and powers off
     ec2.stop_instances(InstanceIds=[instance["InstanceId"]])
-    wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
+    daemon.wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
     record = next(r for r in daemon.records() if r["uuid"] == uuid)
     assert record["shutdown_message"] == "200 Success"
-    wait_for("its termination", lambda: instance["InstanceId"] in
-             {i["InstanceId"] for i in instances(ec2, "terminated", "shutting-down")})
-    wait_for("a replacement", lambda: len(instances(ec2, "pending", "running")) == 3)
+    daemon.wait_for("its termination", lambda: instance["InstanceId"] in
+                    {i["InstanceId"] for i in instances(ec2, "terminated", "shutting-down")})
+    daemon.wait_for("a replacement", lambda: len(instances(ec2, "pending", "running")) == 3)
     time.sleep(2)
     accounted = [text for text in daemon.apel_records() if f"LocalJobId: {uuid}" in text]
     assert len(accounted) == 1
@@ -208,17 +204,17 @@ def test_ec2_quota_poweroff_finished_and_accounted_once(tmp_path: Path, moto: Mo
 
 def test_ec2_past_wallclock_is_deleted_with_its_700(tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
     daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, max_wallclock_seconds=3, processors_limit=1)
-    wait_for("a deletion", lambda: instances(ec2, "terminated", "shutting-down"))
-    finished = wait_for("a finished record", lambda: [r for r in daemon.records() if r["state"] == "finished"])
+    daemon.wait_for("a deletion", lambda: instances(ec2, "terminated", "shutting-down"))
+    finished = daemon.wait_for("a finished record", lambda: [r for r in daemon.records() if r["state"] == "finished"])
     assert finished[0]["shutdown_message"] == "700 Exceeded max_wallclock_seconds"
     assert "deleting" in daemon.log()
 
 
 def test_ec2_kill_9_and_restart_takes_the_machines_over(tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
     daemon, https_port = ec2_daemon(tmp_path, moto, ec2, daemons)
-    running = wait_for("3 machines", lambda: len(instances(ec2, "pending", "running")) == 3
-                       and instances(ec2, "pending", "running"))
-    wait_for("their records", lambda: len([r for r in daemon.records() if r["state"] == "running"]) == 3)
+    running = daemon.wait_for("3 machines", lambda: len(instances(ec2, "pending", "running")) == 3
+                              and instances(ec2, "pending", "running"))
+    daemon.wait_for("their records", lambda: len([r for r in daemon.records() if r["state"] == "running"]) == 3)
     daemon.kill()
     # one machine's record is lost with its directory; not the one played below: a machine
     # taken over has no MJF token here
@@ -226,26 +222,26 @@ def test_ec2_kill_9_and_restart_takes_the_machines_over(tmp_path: Path, moto: Mo
     lost = next(d for d in (daemon.state / "spaces" / SPACE / "machines").iterdir() if played not in d.name)
     shutil.rmtree(lost)
     daemon.start(https_port)
-    wait_for("the restart", lambda: "2 not finished" in daemon.log())
-    wait_for("the take-over", lambda: "taking over" in daemon.log() and len(daemon.records()) == 3)
+    daemon.wait_for("the restart", lambda: "2 not finished" in daemon.log())
+    daemon.wait_for("the take-over", lambda: "taking over" in daemon.log() and len(daemon.records()) == 3)
     time.sleep(3)  # several cycles: nothing created twice, nothing lost
     assert len(instances(ec2, "pending", "running")) == 3
     uuid = play_machine(user_data_of(ec2, running[1]["InstanceId"]), daemon.ca(), b"300 Nothing to do")
     ec2.stop_instances(InstanceIds=[running[1]["InstanceId"]])
-    wait_for("its finish after the restart",
-             lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
+    daemon.wait_for("its finish after the restart",
+                    lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
     assert next(r for r in daemon.records() if r["uuid"] == uuid)["shutdown_message"] == "300 Nothing to do"
 
 
 def test_ec2_two_vcycleds_on_one_space_share_its_quota_and_leave_each_others_machines(
         tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
     first, _ = ec2_daemon(tmp_path, moto, ec2, daemons, limit=4)
-    wait_for("the quota's 4 machines", lambda: len(instances(ec2, "pending", "running")) == 4)
+    first.wait_for("the quota's 4 machines", lambda: len(instances(ec2, "pending", "running")) == 4)
     (tmp_path / "second").mkdir()
     second = Daemon(tmp_path / "second", first.conf.read_text())
     daemons.append(second)
     second.start(free_port(), hostname="vcycle2.example.org")
-    wait_for("the second's cycles", lambda: second.log().count("managed by vcycle.example.org") >= 8)
+    second.wait_for("the second's cycles", lambda: second.log().count("managed by vcycle.example.org") >= 8)
     first.kill()  # just now: its machines are not abandoned yet
     time.sleep(3)
     assert len(instances(ec2, "pending", "running")) == 4  # nothing created past the shared quota
@@ -277,19 +273,19 @@ def test_openstack_garbage_answers_are_logged_and_the_space_recovers(tmp_path: P
         daemon = Daemon(tmp_path, config)
         daemons.append(daemon)
         daemon.start(https_port)
-        wait_for("the error line", lambda: "field 'servers' is str, expected list" in daemon.log())
+        daemon.wait_for("the error line", lambda: "field 'servers' is str, expected list" in daemon.log())
         assert daemon.process.poll() is None and emulator.servers == {}
         del emulator.answers[("GET", "/compute/v2.1/servers/detail")]
         # the cloud's core limit (2) is the quota: one machine of 1 core per cycle, then none
-        wait_for("machines to the core limit", lambda: len(emulator.servers) == 2, seconds=90)
+        daemon.wait_for("machines to the core limit", lambda: len(emulator.servers) == 2, seconds=90)
         server_id = next(iter(emulator.servers))
         emulator.set_server(server_id, "ACTIVE")
         uuid = play_machine(emulator.user_data[server_id].decode(), daemon.ca())
-        wait_for("vcycled to see it running", lambda: any(r["uuid"] == uuid and r["state"] == "running"
-                                                          for r in daemon.records(space)))
+        daemon.wait_for("vcycled to see it running", lambda: any(r["uuid"] == uuid and r["state"] == "running"
+                                                                 for r in daemon.records(space)))
         emulator.set_server(server_id, "SHUTOFF", power_state=4)
-        wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished"
-                                           for r in daemon.records(space)))
+        daemon.wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished"
+                                                  for r in daemon.records(space)))
         assert len([t for t in daemon.apel_records(space) if uuid in t]) == 1
         assert emu.PASSWORD not in daemon.log()
     finally:
@@ -299,11 +295,11 @@ def test_openstack_garbage_answers_are_logged_and_the_space_recovers(tmp_path: P
 def test_ec2_300_backs_the_machinetype_off_and_vcycle_shows_why(tmp_path: Path, moto: MotoServer, ec2, daemons,
                                                                  capsys: pytest.CaptureFixture) -> None:
     daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, backoff_seconds=3600)
-    running = wait_for("3 machines", lambda: len(instances(ec2, "pending", "running")) == 3
-                       and instances(ec2, "pending", "running"))
+    running = daemon.wait_for("3 machines", lambda: len(instances(ec2, "pending", "running")) == 3
+                              and instances(ec2, "pending", "running"))
     uuid = play_machine(user_data_of(ec2, running[0]["InstanceId"]), daemon.ca(), b"300 Nothing to do")
     ec2.stop_instances(InstanceIds=[running[0]["InstanceId"]])
-    wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
+    daemon.wait_for("its finish", lambda: any(r["uuid"] == uuid and r["state"] == "finished" for r in daemon.records()))
     time.sleep(3)  # cycles in backoff: no replacement
     assert len(instances(ec2, "pending", "running")) == 2
     assert vcycle.main(["machinetypes", "--json", "--state-dir", str(daemon.state)]) == 0
@@ -328,17 +324,17 @@ def test_ec2_machines_that_stop_heartbeating_are_deleted_with_700_and_replaced(
         tmp_path: Path, moto: MotoServer, ec2, daemons) -> None:
     daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, limit=2, backoff_seconds=3600,
                            heartbeat_file="heartbeat", heartbeat_seconds=3)
-    running = wait_for("2 machines", lambda: len(instances(ec2, "pending", "running")) == 2
-                       and instances(ec2, "pending", "running"))
+    running = daemon.wait_for("2 machines", lambda: len(instances(ec2, "pending", "running")) == 2
+                              and instances(ec2, "pending", "running"))
     stop = threading.Event()
     beating = threading.Thread(target=heartbeat, args=(user_data_of(ec2, running[0]["InstanceId"]), daemon.ca(), stop))
     beating.start()
     try:
-        silent = wait_for("the silent machine's deletion", lambda: [
+        silent = daemon.wait_for("the silent machine's deletion", lambda: [
             r for r in daemon.records() if r["state"] == "finished"])
         assert silent[0]["shutdown_message"] == "700 Heartbeat file not created"
         # 700 is no abort: a replacement is created although backoff_seconds is an hour
-        wait_for("a replacement", lambda: len(daemon.records()) == 3)
+        daemon.wait_for("a replacement", lambda: len(daemon.records()) == 3)
         heartbeating = {i["InstanceId"] for i in instances(ec2, "pending", "running")}
         assert running[0]["InstanceId"] in heartbeating
     finally:
@@ -357,14 +353,14 @@ def test_ec2_heartbeat_lists_and_the_cvmfs_proxies_made_of_them(tmp_path: Path, 
     daemon = Daemon(tmp_path, config)
     daemons.append(daemon)
     daemon.start(https_port)
-    [squid] = wait_for("the squid machine", lambda: instances(ec2, "pending", "running"))
+    [squid] = daemon.wait_for("the squid machine", lambda: instances(ec2, "pending", "running"))
     squid_name = {tag["Key"]: tag["Value"] for tag in squid["Tags"]}["Name"]
     stop = threading.Event()
     beating = threading.Thread(target=heartbeat, args=(user_data_of(ec2, squid["InstanceId"]), daemon.ca(), stop))
     beating.start()
     try:
         squid_list = daemon.state / "spaces" / SPACE / "heartbeatlists" / "squid"
-        line = wait_for("the squid in its list", lambda: squid_list.exists() and squid_list.read_text())
+        line = daemon.wait_for("the squid in its list", lambda: squid_list.exists() and squid_list.read_text())
         assert line.split()[1:] == [squid_name, squid["PrivateIpAddress"]]
         # A machinetype whose cvmfs proxies are the squids heartbeating now, then the site's.
         daemon.conf.write_text(config.replace("processors_limit = 1", "processors_limit = 2") + "\n".join((
@@ -372,7 +368,7 @@ def test_ec2_heartbeat_lists_and_the_cvmfs_proxies_made_of_them(tmp_path: Path, 
             "target_share = 1", "backoff_seconds = 0", "fizzle_seconds = 0", "cvmfs_proxy_machinetype = squid:3128",
             "user_data_option_cvmfs_proxy = http://site-squid.example.org:3128", "")))
         os.kill(daemon.process.pid, signal.SIGHUP)
-        [lhcb] = wait_for("an lhcb machine", lambda: [
+        [lhcb] = daemon.wait_for("an lhcb machine", lambda: [
             i for i in instances(ec2, "pending", "running")
             if {"Key": META_MACHINETYPE, "Value": "lhcb"} in i["Tags"]])
         user_data = user_data_of(ec2, lhcb["InstanceId"])
@@ -389,7 +385,7 @@ def test_ec2_heartbeat_lists_and_the_cvmfs_proxies_made_of_them(tmp_path: Path, 
 def test_ec2_two_machinetypes_converge_to_their_target_shares(tmp_path: Path, moto: MotoServer, ec2,
                                                                 daemons) -> None:
     daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, limit=8, shares={"atlas": 3, "lhcb": 1})
-    wait_for("8 machines", lambda: len(instances(ec2, "pending", "running")) == 8)
+    daemon.wait_for("8 machines", lambda: len(instances(ec2, "pending", "running")) == 8)
     time.sleep(2)
     counts: dict = {}
     for instance in instances(ec2, "pending", "running"):
@@ -427,9 +423,9 @@ def test_a_cloud_failing_and_throttling_backs_off_its_space_only(tmp_path: Path,
         daemon = Daemon(tmp_path, config)
         daemons.append(daemon)
         daemon.start(https_port)
-        wait_for("the good space's machines", lambda: len(good.servers) == 2)
+        daemon.wait_for("the good space's machines", lambda: len(good.servers) == 2)
         assert "space bad.example.org" in daemon.log() and "next attempt in" in daemon.log()
-        wait_for("the bad space's recovery", lambda: len(bad.servers) == 2, seconds=90)
+        daemon.wait_for("the bad space's recovery", lambda: len(bad.servers) == 2, seconds=90)
         assert len(good.servers) == 2 and bad.faults == []
     finally:
         good.close()
@@ -473,8 +469,8 @@ def test_notify_watchdog_reload_metrics_and_vacmon(tmp_path: Path, daemons) -> N
             message = json.loads(vacmon.recv(65536))
             kinds.add(message["message_type"])
             assert (message["factory"], message["space"]) == ("vcycle.example.org", space)
-        wait_for("two machines", lambda: len(emulator.servers) == 2)
-        scraped = wait_for("metrics", lambda: "vcycle_creations_total" in (text := urllib.request.urlopen(
+        daemon.wait_for("two machines", lambda: len(emulator.servers) == 2)
+        scraped = daemon.wait_for("metrics", lambda: "vcycle_creations_total" in (text := urllib.request.urlopen(
             f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()) and text)
         assert f'vcycle_processors_limit{{space="{space}"}} 2.0' in scraped
         os.kill(daemon.process.pid, signal.SIGHUP)
@@ -493,9 +489,9 @@ def test_ec2_reclaimed_preemptible_machine_is_finished_without_backoff(tmp_path:
     # a fizzle would back the machinetype off for an hour: a preempted machine is no fizzle
     daemon, _ = ec2_daemon(tmp_path, moto, ec2, daemons, limit=1, backoff_seconds=3600, fizzle_seconds=3600,
                            preemptible="true", grace_secs=1)
-    [instance] = wait_for("a machine", lambda: instances(ec2, "pending", "running"))
+    [instance] = daemon.wait_for("a machine", lambda: instances(ec2, "pending", "running"))
     ec2.stop_instances(InstanceIds=[instance["InstanceId"]])  # the cloud reclaims it
-    finished = wait_for("its finish", lambda: [r for r in daemon.records() if r["state"] == "finished"])
+    finished = daemon.wait_for("its finish", lambda: [r for r in daemon.records() if r["state"] == "finished"])
     assert finished[0]["shutdown_message"] == "200 Preempted by the cloud"
-    wait_for("a replacement", lambda: len(instances(ec2, "pending", "running")) == 1
-             and instances(ec2, "pending", "running")[0]["InstanceId"] != instance["InstanceId"])
+    daemon.wait_for("a replacement", lambda: len(instances(ec2, "pending", "running")) == 1
+                    and instances(ec2, "pending", "running")[0]["InstanceId"] != instance["InstanceId"])

@@ -10,11 +10,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import pytest
+from tests.waiting import wait_until
 
 WAIT_SECONDS = 120.0  # generous: TCG boots take ~5-10 s, slower when the machine is busy
 
@@ -74,16 +73,8 @@ class VacdProcess:
 
     def wait_for(self, what: str, predicate: Callable, timeout: float = WAIT_SECONDS):
         """The first true value of ``predicate``; fails at once if vacd exits meanwhile."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                pytest.fail(f"vacd exited with {self.process.returncode} while waiting for "
-                            f"{what}:\n{self.log_text(6000)}")
-            result = predicate()
-            if result:
-                return result
-            time.sleep(0.2)
-        pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{self.log_text(6000)}")
+        return wait_until(what, predicate, timeout, process=self.process, name="vacd",
+                          details=lambda: self.log_text(6000))
 
     def log_text(self, tail: int = 0) -> str:
         try:
