@@ -82,7 +82,8 @@ def descriptor_limit() -> int:
 
 
 class LogLimiter:
-    """Token bucket per source: ``burst`` lines at once, then ``per_second`` on average."""
+    """Token bucket per source: ``burst`` lines at once, then ``per_second`` on average (also
+    the VacQuery responder's limit on queries per source address)."""
 
     def __init__(self, burst: int, per_second: float,
                  clock: Callable[[], float] = time.monotonic, max_sources: int = 4096):

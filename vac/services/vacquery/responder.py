@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 from vac.core.config import FactoryAddress, Settings
+from vac.services.fairness import LogLimiter
 from vac.services.vacquery.auth import HMAC_OVERHEAD, Authenticator
 from vac.services.vacquery.codec import (
     AMPLIFICATION_FACTOR,
@@ -42,32 +43,6 @@ log = logging.getLogger(__name__)
 DEFAULT_QUERY_RATE = 20.0  # queries per second and source, on average ...
 DEFAULT_QUERY_BURST = 60  # ... and at once: a few full `vac` runs with all their resends
 FACTORY_RESOLVE_SECONDS = 600.0  # how often the responder re-resolves the space's factories
-
-
-class SourceLimiter:
-    """Token bucket per source address: ``burst`` at once, then ``rate`` per second."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic,
-                 max_sources: int = MAX_ITEMS):
-        self.rate = rate
-        self.burst = float(burst)
-        self.clock = clock
-        self.max_sources = max_sources
-        self._buckets: dict = {}  # source -> [tokens, last time]
-
-    def allow(self, source: str) -> bool:
-        now = self.clock()
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            if len(self._buckets) >= self.max_sources:
-                del self._buckets[next(iter(self._buckets))]  # forget the oldest source
-            bucket = self._buckets[source] = [self.burst, now]
-        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if bucket[0] < 1.0:
-            return False
-        bucket[0] -= 1.0
-        return True
 
 
 StatusProvider = Callable[[], StatusSnapshot]
@@ -119,7 +94,8 @@ class Responder:
         self.settings = settings
         self.status_provider = status_provider
         self.authenticator = Authenticator(secret, settings.vacquery_allow_unauthenticated)
-        self.limiter = SourceLimiter(rate, burst, clock)
+        # Per source address; as many as the records kept of factories (the oldest forgotten).
+        self.limiter = LogLimiter(burst, rate, clock, max_sources=MAX_ITEMS)
         self.drops = DropCounter("VacQuery responder", clock=clock)
         self.wall_clock = wall_clock
         self.answered: dict = {MACHINES: 0, MACHINETYPES: 0, FACTORY: 0}
@@ -218,7 +194,7 @@ class Responder:
 
     def _answer(self, data: bytes, addr: tuple) -> None:
         source = addr[0]
-        if not self.limiter.allow(source):
+        if self.limiter.admit(source) is None:
             self.drops.drop("rate limit", source)
             return
         try:
