@@ -7,15 +7,14 @@ importing the ``vac`` command.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterable
 from typing import IO, Optional
 
 from vac.core import config as configmod
 from vac.core.ini import ERROR, Problem
-from vac.ops.logsetup import connected_to_journal
-
-_JOURNAL_PRIORITY = {ERROR: "<3>"}  # anything else is a warning: <4>
+from vac.ops.logsetup import connected_to_journal, syslog_priority
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,5 +45,6 @@ def print_problems(problems: Iterable[Problem], stream: Optional[IO] = None) -> 
     stream = sys.stderr if stream is None else stream
     journal = connected_to_journal(stream)
     for problem in problems:
-        prefix = _JOURNAL_PRIORITY.get(problem.level, "<4>") if journal else ""
+        level = logging.ERROR if problem.level == ERROR else logging.WARNING
+        prefix = f"<{syslog_priority(level)}>" if journal else ""
         print(f"{prefix}{problem.level}: {problem}", file=stream)
