@@ -132,6 +132,9 @@ def test_redirect_to_another_scheme_is_refused(server, fetcher):
     server.routes["/file"] = Route(status=302, headers={"Location": "file:///etc/passwd"}, last_modified=None)
     with pytest.raises(FetchError, match="'file:///etc/passwd' is not an http\\(s\\) URL"):
         fetcher.get_bytes(server.url("/file"), timeout=5, max_bytes=100)
+    server.routes["/nowhere"] = Route(status=302, headers={"Location": "https:///etc/passwd"}, last_modified=None)
+    with pytest.raises(FetchError, match="'https:///etc/passwd' is not an http\\(s\\) URL with a host name"):
+        fetcher.get_bytes(server.url("/nowhere"), timeout=5, max_bytes=100)
 
 
 def test_copy_to_streams_into_a_file(server, fetcher, tmp_path):

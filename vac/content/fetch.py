@@ -6,6 +6,7 @@ sends one User-Agent and ``Accept-Encoding: identity``, and follows at most ``MA
 redirects itself (so every hop counts against the same deadline).
 
 * ``is_url(text)``: whether ``text`` is an http(s) URL (else a path or file name).
+* ``fetchable(url)``: whether a Fetcher would GET ``url`` (http or https, with a host name).
 * ``fetcher.get_bytes(url, timeout=, max_bytes=) -> bytes``: the body of a 200 answer; any other
   status, a body over ``max_bytes``, a transfer over ``timeout`` seconds or any network or TLS
   failure raises ``FetchError`` saying which.
@@ -47,6 +48,7 @@ MAX_REDIRECTS = 5
 CHUNK_BYTES = 1024 * 1024
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
+
 class FetchError(Exception):
     """A fetch failed: ``str()`` is "cannot fetch URL: REASON". ``status`` is the HTTP status
     when the server answered with one that was not wanted."""
@@ -60,6 +62,13 @@ class FetchError(Exception):
 
 def is_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
+
+
+def fetchable(url: str) -> bool:
+    """Whether ``url`` is one a Fetcher GETs (or follows a redirect to): http or https, with a
+    host name."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def grid_ca_dir() -> Optional[str]:
@@ -93,6 +102,26 @@ class _ContextAdapter(requests.adapters.HTTPAdapter):
         return super().proxy_manager_for(proxy, **kwargs)
 
 
+class _Deadline:
+    """One fetch's deadline, ``timeout`` seconds from its start, and its optional idle timeout."""
+
+    def __init__(self, timeout: float, idle_timeout: Optional[float]) -> None:
+        self.timeout = timeout
+        self.at = time.monotonic() + timeout
+        self.idle_timeout = idle_timeout
+
+    def passed(self, url: str) -> FetchError:
+        return FetchError(url, f"took more than {self.timeout:g} s")
+
+    def wait(self, url: str) -> float:
+        """How long the next step may wait: the time left, at most the idle timeout. Raises
+        FetchError once the deadline has passed."""
+        remaining = self.at - time.monotonic()
+        if remaining <= 0:
+            raise self.passed(url)
+        return remaining if self.idle_timeout is None else min(remaining, self.idle_timeout)
+
+
 # What reading a body may raise: socket and TLS errors, http.client's (IncompleteRead on a
 # broken chunked body), urllib3's and requests' own.
 _TRANSFER_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError,
@@ -103,17 +132,14 @@ class Reply:
     """The final answer of one fetch (after redirects): ``url``, ``status``, ``reason``,
     ``headers`` (case-insensitive); its body is read with ``read`` or ``copy_to``."""
 
-    def __init__(self, response: requests.Response, requested: str, timeout: float,
-                 deadline: float, idle_timeout: Optional[float]) -> None:
+    def __init__(self, response: requests.Response, requested: str, deadline: _Deadline) -> None:
         self._response = response
         self.requested = requested
         self.url = response.url
         self.status = response.status_code
         self.reason = response.reason or ""
         self.headers: Mapping[str, str] = response.headers
-        self._timeout = timeout
         self._deadline = deadline
-        self._idle_timeout = idle_timeout
 
     def __enter__(self) -> Reply:
         return self
@@ -145,17 +171,14 @@ class Reply:
         sock = raw.connection.sock if raw.connection is not None else None
         received = 0
         while True:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise FetchError(url, f"took more than {self._timeout:g} s")
-            wait = remaining if self._idle_timeout is None else min(remaining, self._idle_timeout)
+            wait = self._deadline.wait(url)
             try:
                 if sock is not None:
                     sock.settimeout(wait)
                 chunk = body.read1(CHUNK_BYTES)
             except socket.timeout:
-                if time.monotonic() >= self._deadline:
-                    raise FetchError(url, f"took more than {self._timeout:g} s") from None
+                if time.monotonic() >= self._deadline.at:
+                    raise self._deadline.passed(url) from None
                 raise FetchError(url, f"sent nothing for {wait:g} s (after {received} bytes)") from None
             except _TRANSFER_ERRORS as error:
                 raise FetchError(url, f"failed after {received} bytes: {error!r}") from None
@@ -210,17 +233,13 @@ class Fetcher:
              headers: Optional[Mapping[str, str]] = None) -> Reply:
         """GET ``url`` and follow redirects; the final answer, whatever its status. Its body
         must be read (or the reply closed) before ``timeout`` seconds from now."""
-        deadline = time.monotonic() + timeout
+        deadline = _Deadline(timeout, idle_timeout)
         request_headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity", **(headers or {})}
         current = url
         for _hop in range(self.max_redirects + 1):
-            scheme = urllib.parse.urlsplit(current).scheme
-            if scheme not in ("http", "https"):
-                raise FetchError(url, f"{current!r} is not an http(s) URL")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise FetchError(url, f"took more than {timeout:g} s")
-            wait = remaining if idle_timeout is None else min(remaining, idle_timeout)
+            if not fetchable(current):
+                raise FetchError(url, f"{current!r} is not an http(s) URL with a host name")
+            wait = deadline.wait(url)
             try:
                 response = self._session.get(current, headers=request_headers, stream=True,
                                              allow_redirects=False, timeout=(wait, wait))
@@ -228,7 +247,7 @@ class Fetcher:
                 raise FetchError(url, str(error)) from None
             location = response.headers.get("Location")
             if response.status_code not in REDIRECT_STATUSES or not location:
-                return Reply(response, url, timeout, deadline, idle_timeout)
+                return Reply(response, url, deadline)
             response.close()
             current = urllib.parse.urljoin(current, location)
         raise FetchError(url, f"more than {self.max_redirects} redirects")

@@ -32,7 +32,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Optional, Union
 
-from vac.content.fetch import USER_AGENT, Fetcher, FetchError, Reply, is_url
+from vac.content.fetch import USER_AGENT, Fetcher, FetchError, Reply, fetchable, is_url
 from vac.core.config import Machinetype
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ class ImageError(Exception):
 
 
 def check_url(url: str) -> None:
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    if not fetchable(url):
         raise ImageError(f"{url!r} is not an http(s) URL with a host name")
 
 

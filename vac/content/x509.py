@@ -34,7 +34,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 
-DEFAULT_CA_DIR = "/etc/grid-security/certificates"
+# The grid CAs that fetch's TLS also trusts.
+from vac.content.fetch import GRID_CA_DIR as DEFAULT_CA_DIR
+
 MIN_KEY_BITS = 2048
 CLI_PROXY_SECONDS = 12 * 3600  # `vac proxy-init`
 CLOCK_SKEW_SECONDS = 300  # proxies are back-dated this much, as grid tools do
