@@ -43,6 +43,7 @@ from vac.daemon.runtime import LoopRuntime
 from vac.daemon.status import StatusPublisher
 from vac.ops.configcli import add_config_arguments, report_config
 from vac.ops.hostinfo import factory_facts, read_host_facts
+from vac.ops.logsetup import LOG_FORMATS
 from vac.records.store import Store, StoreError
 from vac.services import vacquery
 
@@ -598,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pid file written with --daemon (default %(default)s)")
     parser.add_argument("--log-file", default=None,
                         help="log to this file (reopened after logrotate) instead of stderr")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")
     parser.add_argument("--debug", action="store_true", help="log planner notes and more")
     return parser
 

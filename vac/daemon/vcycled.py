@@ -50,6 +50,7 @@ from vac.core.vcycleconfig import (
 from vac.daemon.cloudworks import CloudWorks
 from vac.daemon.executor import Executor, Hooks
 from vac.daemon.runtime import LoopRuntime
+from vac.ops.logsetup import LOG_FORMATS
 from vac.records.store import Store, atomic_write
 from vac.services import cloudmjf, vacquery
 
@@ -650,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (default: none)")
     parser.add_argument("--log-file", default=None, help="log here instead of stderr")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")
     parser.add_argument("--debug", action="store_true", help="log planner notes")
     parser.add_argument("--check-config", action="store_true",
                         help="check the configuration, print its problems and exit (1 on errors)")
