@@ -20,7 +20,6 @@ Needs root and podman (runc). Run: ``python benchmarks/containers.py [--rounds 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import signal
@@ -34,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tests.containerimage import busybox_image  # noqa: E402
+from tests.containerimage import busybox_image, remove_factory_containers  # noqa: E402
+from tests.vacdprocess import machine_records  # noqa: E402
 from vac.backends.container.cgroups import Cgroups  # noqa: E402
 from vac.backends.container.engine import EngineBackend  # noqa: E402
 from vac.core.config import Machinetype, Settings  # noqa: E402
@@ -118,7 +118,7 @@ fizzle_seconds = 0
     records: list[dict] = []
     try:
         while time.monotonic() < deadline and vacd.poll() is None:
-            records = machine_records(state)
+            records = machine_records(state / "machines")
             if sum(record["started"] is not None for record in records) > cycles:
                 break
             time.sleep(0.5)
@@ -137,27 +137,6 @@ fizzle_seconds = 0
         if message.exists():
             turnarounds.append(following["started"] - message.stat().st_mtime)
     return creations, turnarounds
-
-
-def machine_records(state: Path) -> list[dict]:
-    found = []
-    for path in (state / "machines").glob("*/machine.json"):
-        try:
-            found.append(json.loads(path.read_text())["machine"] | {"dir": path.parent})
-        except (OSError, ValueError):
-            continue  # being replaced right now
-    return found
-
-
-def remove_factory_containers(factory: str) -> None:
-    backend = EngineBackend(factory, lambda uuid: None, runtime=RUNTIME, network="none")
-    backend.connect()
-    try:
-        for machine in backend.list_machines():
-            backend.destroy(machine.uuid)
-            backend.forget(machine.uuid)
-    finally:
-        backend.close()
 
 
 def p50_ms(values: list[float]) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tests import tiers
+from vac.backends.container.engine import EngineBackend
 from vac.core.config import Machinetype, Settings
 from vac.core.model import Machine
 from vac.records.store import Store
@@ -89,6 +90,20 @@ def require_container_tier(reason: Optional[str]) -> None:
     """With a reason the tier cannot run: fail where it is required (CI, VAC_REQUIRE_CONTAINER=1),
     skip elsewhere."""
     tiers.require(tiers.CONTAINER, reason)
+
+
+def remove_factory_containers(factory: str) -> None:
+    """Remove the containers of ``factory`` that vacd left running when it stopped (it leaves
+    machines running by design)."""
+    backend = EngineBackend(factory, lambda uuid: None, engine="podman", runtime="runc",
+                            network="none")
+    backend.connect()
+    try:
+        for machine in backend.list_machines():
+            backend.destroy(machine.uuid)
+            backend.forget(machine.uuid)
+    finally:
+        backend.close()
 
 
 def podman_image() -> str:

@@ -47,6 +47,7 @@ import pytest
 
 from tests import tiers
 from tests.packages import REPO, build_rpms
+from tests.vacdprocess import machine_records
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.systemd
@@ -392,13 +393,7 @@ def reset(container: Container, share: float = 0, start: bool = True) -> None:
 
 
 def records(container: Container) -> list[dict]:
-    found = []
-    for path in sorted(container.path("/var/lib/vac/machines").glob("*/machine.json")):
-        try:
-            found.append(json.loads(path.read_text())["machine"])
-        except (OSError, ValueError, KeyError):
-            continue  # being replaced right now
-    return found
+    return machine_records(container.path("/var/lib/vac/machines"))
 
 
 def in_state(container: Container, state: str) -> list[dict]:

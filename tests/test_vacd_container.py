@@ -28,7 +28,7 @@ from typing import Optional
 
 import pytest
 
-from tests.containerimage import podman_image
+from tests.containerimage import podman_image, remove_factory_containers
 from tests.vacdprocess import VacdProcess
 
 pytestmark = pytest.mark.container
@@ -150,19 +150,6 @@ fizzle_seconds = 1
         return [message for message in json.loads(result.stdout)
                 if message.get("message_type") == "machine_status"]
 
-    def remove_containers(self) -> None:
-        """Whatever vacd left running when it stopped (it leaves machines running by design)."""
-        from vac.backends.container.engine import EngineBackend
-
-        backend = EngineBackend(self.name, lambda uuid: None, engine="podman", runtime="runc",
-                                network="none")
-        backend.connect()
-        try:
-            for machine in backend.list_machines():
-                backend.destroy(machine.uuid)
-                backend.forget(machine.uuid)
-        finally:
-            backend.close()
 
 
 @pytest.fixture
@@ -181,7 +168,7 @@ def make_vacd(image):
     yield make
     for daemon in made:
         daemon.kill(signal.SIGTERM)
-        daemon.remove_containers()
+        remove_factory_containers(daemon.name)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -31,6 +31,7 @@ from tests import openstack_emulator as emu
 from tests.cloudservers import MotoServer, free_port
 from tests.localhttp import make_tls_files
 from tests.openstack_emulator import OpenStackEmulator
+from tests.vacdprocess import machine_records
 from tests.waiting import wait_until
 from vac.cli import vcycle
 from vac.core.cloud import META_MACHINETYPE
@@ -95,13 +96,7 @@ class Daemon:
                 self.kill()
 
     def records(self, space: str = SPACE) -> list[dict]:
-        found = []
-        for path in (self.state / "spaces" / space / "machines").glob("*/machine.json"):
-            try:
-                found.append(json.loads(path.read_text())["machine"])
-            except (OSError, ValueError):
-                continue  # being replaced
-        return found
+        return machine_records(self.state / "spaces" / space / "machines")
 
     def apel_records(self, space: str = SPACE) -> list[str]:
         return [p.read_text() for p in (self.state / "spaces" / space / "apel-archive").glob("*/*")]

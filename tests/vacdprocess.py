@@ -18,6 +18,18 @@ from tests.waiting import wait_until
 WAIT_SECONDS = 120.0  # generous: TCG boots take ~5-10 s, slower when the machine is busy
 
 
+def machine_records(machines_dir: Path) -> list[dict]:
+    """Every machine record in ``machines_dir`` (a state directory's ``machines``, vacd's or a
+    vcycled space's), with its directory as ``dir``."""
+    found = []
+    for path in sorted(machines_dir.glob("*/machine.json")):
+        try:
+            found.append(json.loads(path.read_text())["machine"] | {"dir": path.parent})
+        except (OSError, ValueError):
+            continue  # being replaced, or expired, right now
+    return found
+
+
 class VacdProcess:
     def __init__(self, root: Path):
         self.root = root
@@ -59,13 +71,7 @@ class VacdProcess:
 
     def records(self) -> list[dict]:
         """Every machine record, with its directory as ``dir``."""
-        found = []
-        for path in sorted((self.state / "machines").glob("*/machine.json")):
-            try:
-                found.append(json.loads(path.read_text())["machine"] | {"dir": path.parent})
-            except (OSError, ValueError):
-                continue  # being replaced right now
-        return found
+        return machine_records(self.state / "machines")
 
     def machines_in(self, state: str, uuid: Optional[str] = None) -> list[dict]:
         return [record for record in self.records()
