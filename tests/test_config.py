@@ -970,10 +970,37 @@ def test_good_values_from_the_network_mean_what_they_mean_in_files(option, text,
         assert schema.remote_option_value(option, text) == expected
 
 
+# Where the network's own rules (its JSON types, its stricter checks) refuse a BAD_MACHINETYPE
+# value before the files' rule does, in their own words.
+NETWORK_REFUSALS = {
+    "root_image": "docker:// must name an image like registry.example.org/vo/pilot:1, not ''",
+    "user_data": "URL must be http or https: '../secret'",
+    "target_share": "must be between 0 and 1000000000",
+    "machine_model": "must be one of cernvm3, cernvm4, vm-raw, docker, podman, singularity, apptainer, not 'lxc'",
+    "user_data_proxy": "must be true or false, not 'y'",
+    "legacy_proxy": "must be true or false, not 'n'",
+    "min_processors": "must be between 1 and 4096",
+    "max_processors": "must be an integer, not a string",
+    "max_wallclock_seconds": "must be an integer, not a string",
+    "min_wallclock_seconds": "must be between 0 and 100000000",
+    "backoff_seconds": "must be an integer, not a string",
+    "fizzle_seconds": "must be an integer, not a string",
+    "heartbeat_file": "must be a plain file name, not 'logs/heartbeat'",
+    "heartbeat_seconds": "must be between 0 and 10000000",
+    "disk_gb_per_processor": "must be between 0.001 and 100000",
+    "cvmfs_repositories": "repository names must be like lhcb.cern.ch, not '/cvmfs/x'",
+}
+
+
 @pytest.mark.parametrize("option, text, message", BAD_MACHINETYPE, ids=[case[0] for case in BAD_MACHINETYPE])
 def test_what_files_refuse_the_network_refuses_too(option, text, message):
-    with pytest.raises((ValueError, KeyError)):
-        schema.remote_option_value(option, text)
+    if not schema.MACHINETYPE_SCHEMA[option].remote_allowed:
+        with pytest.raises(KeyError):
+            schema.remote_option_value(option, text)
+    else:
+        with pytest.raises(ValueError) as refused:
+            schema.remote_option_value(option, text)
+        assert str(refused.value) == NETWORK_REFUSALS.get(option, message)
 
 
 @pytest.mark.parametrize("option, text, message", [
