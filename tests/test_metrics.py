@@ -4,7 +4,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vac.ops.metrics import CONTENT_TYPE, Metrics, VacMetrics, start_metrics_server
+from vac.ops.metrics import CONTENT_TYPE, Counter, Metrics, VacMetrics, start_metrics_server
 
 
 def samples(text: str) -> dict:
@@ -75,14 +75,17 @@ def test_label_values_are_escaped():
 def test_misuse_is_rejected():
     registry = Metrics()
     vac_metrics = VacMetrics(registry)
-    with pytest.raises(ValueError):
+    # The words are prometheus_client's, except the last (vac's own rule).
+    with pytest.raises(ValueError, match="non-negative"):
         vac_metrics.creations.inc(-1, machinetype="x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Incorrect label names"):
         vac_metrics.creations.inc(machinetype="x", state="y")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="missing label values"):
         vac_metrics.creations.inc()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
         VacMetrics(registry)  # every family registered twice
+    with pytest.raises(ValueError, match="'vac_creations' must end in _total"):
+        Counter(Metrics(), "vac_creations", "Creations.")
 
 
 @pytest.mark.component
