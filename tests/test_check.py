@@ -8,7 +8,6 @@ import pytest
 
 from vac.cli import check
 from vac.cli.check import CRITICAL, OK, UNKNOWN, WARNING, StatusError, validate_status
-from vac.core import config as configmod
 
 NOW = 1_800_000_000.0
 REPO = Path(__file__).resolve().parent.parent
@@ -143,7 +142,6 @@ def test_validate_status_is_usable_by_the_writer():
         validate_status(healthy_status(slots=8.5))
 
 
-@pytest.mark.skipif(not hasattr(configmod, "load_config"), reason="configuration loader not available")
 def test_state_dir_from_configuration(tmp_path, capsys):
     state_dir = tmp_path / "state"
     state_dir.mkdir()
@@ -163,7 +161,6 @@ def test_exit_status_of_the_real_command(tmp_path):
     assert done.stdout.startswith("VACD CRITICAL - vacd (pid ")
 
 
-@pytest.mark.skipif(not hasattr(configmod, "load_config"), reason="configuration loader not available")
 def test_unusable_configuration_is_unknown(tmp_path, capsys):
     conf = tmp_path / "vac.conf"
     conf.write_text("[settings]\nvac_space = vac01.example.org\nfactory_name = factory1.example.org\nmb_per_processor = lots\n")

@@ -17,11 +17,9 @@ from vac.cli.operator import (
     unique_paths,
     write_if_changed,
 )
-from vac.core import config as configmod
 from vac.core.config import FactoryAddress
 
 NOW = 1_800_000_000
-needs_loader = pytest.mark.skipif(not hasattr(configmod, "load_config"), reason="configuration loader not available")
 
 
 def settings_of(text: str) -> dict:
@@ -197,7 +195,6 @@ def test_cli_squid_conf_unreadable_template(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
-@needs_loader
 def test_cli_squid_conf_writes_only_when_changed(tmp_path, capsys):
     options = write_space_config(tmp_path, "f1.example.org@127.0.0.11 f2.example.org@127.0.0.12")
     template, output = tmp_path / "squid.conf.vac", tmp_path / "squid.conf"
@@ -211,7 +208,6 @@ def test_cli_squid_conf_writes_only_when_changed(tmp_path, capsys):
     assert output.stat().st_mtime == 1
 
 
-@needs_loader
 def test_cli_squid_conf_output_not_writable(tmp_path, capsys):
     options = write_space_config(tmp_path, "f1.example.org@127.0.0.11")
     template = tmp_path / "squid.conf.vac"
