@@ -3,9 +3,11 @@
 Target (ARCHITECTURE.md §8, issue 16): < 2 s per cycle. The space holds ``--machines`` running
 instances tagged as vcycle machines of the space (started with RunInstances directly); the first
 cycle takes them over (writing their records), the measured cycles are the steady state: list
-(paginated DescribeInstances), quota, plan, heartbeat checks, nothing to create (the quota is
-full). Also prints the resident memory of the process afterwards. The cycle is vcycled's own:
-``SpaceWorker.cycle`` on vac's Executor, one listing per cycle (``Executor.reconcile``).
+(DescribeInstanceStatus, describing only instances not seen before), quota, plan, heartbeat
+checks, nothing to create (the quota is full). Also prints the resident memory of the process
+afterwards, and the time of one more listing (``list_machines()``) made on its own after the
+cycles. The cycle is vcycled's own: ``SpaceWorker.cycle`` on vac's Executor, one listing per
+cycle (``Executor.reconcile``).
 
 The first cycle describes every instance once (DescribeInstances, 200 IDs a call) and writes
 the records; the steady cycles list only states (DescribeInstanceStatus) and describe nothing
@@ -42,6 +44,7 @@ from vac.daemon.vcycled import SpaceWorker, cloud_backend  # noqa: E402
 
 SPACE = "bench.example.org"
 KEY, SECRET = "AKIAVCYCLEBENCH00001", "vcycle-bench-secret"
+TARGET_SECONDS = 2.0
 
 
 async def measure(space: Space, root: Path, args: argparse.Namespace) -> tuple:
@@ -107,10 +110,12 @@ def main() -> int:
         finally:
             moto.stop()
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    slowest = max(times)
     print(f"vcycled cycle, {args.machines} machines (moto EC2): median {statistics.median(times):.3f} s, "
-          f"max {max(times):.3f} s over {args.cycles} cycles (target < 2 s), of which listing alone "
-          f"{listing:.3f} s; first cycle (takeover of all) {first:.3f} s; {creates} creations in the last; "
-          f"peak RSS {rss_mib:.0f} MiB")
+          f"max {slowest:.3f} s over {args.cycles} cycles (target < {TARGET_SECONDS:g} s each: "
+          f"{'PASS' if slowest < TARGET_SECONDS else 'MISS'}); a separate listing after the cycles "
+          f"(list_machines() alone) {listing:.3f} s; first cycle (takeover of all) {first:.3f} s; "
+          f"{creates} creations in the last; peak RSS {rss_mib:.0f} MiB")
     return 0
 
 
