@@ -7,8 +7,9 @@ own ``fixture.V3Token``, Nova flavors/limits/servers/actions/key pairs with pagi
 Glance v2 image list/create/upload. Every API call needs a token it issued. test_cloud_openstack
 proves it against openstacksdk before the backend is tested against it.
 
-Test controls: ``faults`` (statuses answered to the next API calls), ``answers`` (a fixed
-status and body for one path), ``set_server`` (move a server to a state), ``requests`` (log).
+Test controls: ``faults`` (statuses answered to the next API calls), ``stall`` (set: API calls
+wait until it is cleared, as a cloud that hangs), ``answers`` (a fixed status and body for one
+path), ``set_server`` (move a server to a state), ``requests`` (log).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import http.server
 import json
 import ssl
 import threading
+import time
 import urllib.parse
 import uuid as uuidlib
 from typing import Any, Optional
@@ -48,6 +50,7 @@ class OpenStackEmulator:
         self.user_data: dict[str, bytes] = {}  # server id -> decoded user_data
         self.tokens: set = set()
         self.faults: list[int] = []
+        self.stall = threading.Event()  # set: API calls hang until it is cleared (or 60 s)
         self.answers: dict[tuple[str, str], tuple[int, Any]] = {}  # (method, path) -> answer
         self.requests: list[tuple[str, str]] = []
         self.bodies: list[Any] = []  # JSON bodies of API calls, in order
@@ -118,6 +121,9 @@ class OpenStackEmulator:
             return 200, version, {}
         if request.headers.get("X-Auth-Token") not in self.tokens:
             return 401, {"error": {"code": 401, "message": "The request you have made requires authentication."}}, {}
+        deadline = time.monotonic() + 60
+        while self.stall.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self.faults:
             fault = self.faults.pop(0)
             return fault, {"computeFault": {"code": fault, "message": f"injected {fault}"}}, \

@@ -427,6 +427,29 @@ def test_a_cloud_failing_and_throttling_backs_off_its_space_only(tmp_path: Path,
         bad.close()
 
 
+def test_a_hanging_cloud_holds_back_no_other_space(tmp_path: Path, daemons) -> None:
+    good, hung = OpenStackEmulator(max_total_cores=2), OpenStackEmulator(max_total_cores=2)
+    try:
+        https_port = free_port()
+        config = openstack_config(good, "good.example.org", https_port, tmp_path) \
+            + openstack_config(hung, "hung.example.org", https_port, tmp_path)
+        daemon = Daemon(tmp_path, config)
+        daemons.append(daemon)
+        hung.stall.set()  # every call of the hung space waits (up to a minute)
+        daemon.start(https_port)
+        # One creation per cycle (a tenth of the limit): the second needs a second cycle, which
+        # must not wait for the hung space's first.
+        daemon.wait_for("the good space's two machines", lambda: len(good.servers) == 2, seconds=20)
+        daemon.wait_for("a skipped cycle of the hung space",
+                        lambda: "space hung.example.org: its previous cycle is still running" in daemon.log())
+        hung.stall.clear()
+        daemon.wait_for("the hung space's machines once it answers", lambda: len(hung.servers) == 2, seconds=90)
+    finally:
+        hung.stall.clear()
+        good.close()
+        hung.close()
+
+
 def notifications(sock: socket.socket, wanted: Callable[[list], bool], seconds: float = WAIT_SECONDS) -> list:
     received: list = []
     deadline = time.monotonic() + seconds
