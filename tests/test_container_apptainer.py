@@ -28,6 +28,7 @@ import pytest
 
 from tests.containerimage import BUSYBOX, BackendHarness, _rootfs_tar
 from tests.test_container_podman import count_scratch_releases
+from tests.tiers import CONTAINER, require
 from vac.backends.base import BackendError
 from vac.backends.container.apptainer import (
     ApptainerBackend,
@@ -136,8 +137,7 @@ def open_temporary_root() -> Path:
 
 @pytest.fixture
 def stand_in():
-    if os.geteuid() != 0 or Cgroups.detect() is None:
-        pytest.skip("needs root and cgroups")
+    require(CONTAINER, "needs root and cgroups" if os.geteuid() != 0 or Cgroups.detect() is None else None)
     root = open_temporary_root()
     binary = root / "apptainer"
     binary.write_text(STAND_IN)

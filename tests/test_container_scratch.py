@@ -8,6 +8,7 @@ scratch file name) and files it made, even when it fails.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 import uuid as uuidmod
@@ -17,6 +18,7 @@ import pytest
 
 from tests.containerimage import require_container_tier
 from tests.test_container_podman import Factory, image  # noqa: F401 (the image fixture)
+from tests.tiers import CONTAINER, require
 from vac.backends import scratch
 from vac.backends.base import BackendError
 from vac.backends.commands import CommandError, run_command
@@ -283,10 +285,9 @@ def dm_available() -> bool:
 @pytest.mark.container
 def test_logical_volume_scratch_in_a_loop_backed_volume_group(tmp_path):
     needs_root()
-    if not all(subprocess.run(["which", tool], capture_output=True, check=False).returncode == 0
-               for tool in ("pvcreate", "vgcreate", "lvcreate")):
-        pytest.skip("lvm2 is not installed")
-    if not dm_available():
+    require(CONTAINER, None if all(shutil.which(tool) for tool in ("pvcreate", "vgcreate", "lvcreate"))
+            else "lvm2 is not installed")
+    if not dm_available():  # the kernel's, not ours to install: a skip wherever it is missing
         pytest.skip("the kernel's device-mapper is not available here")
     backing = tmp_path / "pv.img"
     disks.create_sparse_file(str(backing), 200 * 2**20)
